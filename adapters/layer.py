@@ -1,0 +1,278 @@
+"""The LoRA layer: a frozen linear weight W0 plus low-rank updates, several adapters resident at once.
+
+            x (…, in)
+        ┌──────┴───────────────┐
+        │                      │ dropout (training only)
+   W0 (frozen)            A  (r, in)      init: kaiming-uniform(a=√5)
+        │                      │
+        │                 B  (out, r)     init: zeros, so a new adapter starts as the identity
+        └──── + ◄─── s · ──────┘          s = alpha / r   (alpha / √r with rsLoRA)
+              y (…, out)
+
+Three ways to run (Hu et al. 2021, §4.1 for the merge):
+  * single adapter, unmerged:  y = W0 x + s·B·A·x
+  * mixed batch: row i uses its own adapter (or none), gathered from a stacked table, like Punica's BGMV
+  * merged: W0 is overwritten in place by W0 + s·B·A (zero overhead). Unmerging copies the pristine
+    W0 back, which is exact to the bit, unlike PEFT's `W -= s·B·A` which drifts in bf16/fp16.
+
+While adapter M is merged, any other adapter X is still served exactly (up to rounding) by adding
+s_X·B_X·A_X·x − s_M·B_M·A_M·x, so merged mode never blocks requests for other adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LoraLinear", "Router", "is_lora_target_type", "conv1d_type"]
+
+
+def conv1d_type() -> type | None:
+    """transformers' Conv1D (GPT-2 stores its weight as (in, out)); None when transformers is absent."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+def is_lora_target_type(module: nn.Module) -> bool:
+    conv1d = conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+@dataclass
+class Router:
+    """Per-forward routing shared by every layer of one model. `row_ids[i]` is the global id of row i's
+    adapter (0 = base). Set by `LoraModel.route()`; None means "use the active adapter for every row"."""
+
+    row_ids: torch.Tensor | None = None  # (B,) int64 on the model's device
+    row_names: list[str | None] | None = None
+    version: int = 0  # bumped when the set of resident adapters or the merged adapter changes
+
+
+class LoraLinear(nn.Module):
+    """Wraps an `nn.Linear` or GPT-2 `Conv1D` without copying its weight."""
+
+    def __init__(self, base_layer: nn.Module, router: Router, global_ids: dict[str, int]) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: weight is (in, out)
+        w = base_layer.weight
+        in_out = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = in_out
+        self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): weight (r, in)
+        self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): weight (out, r)
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        self._router = router
+        self._global_ids = global_ids  # shared name -> id table of the model
+        self._pristine: torch.Tensor | None = None  # W0 snapshot, taken at the first merge
+        self._pristine_absmax = 0.0
+        self._merge_limit = 0.0
+        self._stack_cache: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._norm_cache: dict[str, tuple[tuple[int, int], float]] = {}  # name -> (A/B versions, ‖B‖·‖A‖ bound)
+        # name -> (A weight, B weight): the same Parameters as in lora_A/lora_B, reachable without the
+        # nn.Module attribute lookups that a switch over hundreds of layers would otherwise pay for
+        self._ab: dict[str, tuple[nn.Parameter, nn.Parameter]] = {}
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, rank: int, scaling: float, dropout: float = 0.0, *,
+                    A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> None:
+        w = self.base_layer.weight
+        lin_a = nn.Linear(self.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        lin_b = nn.Linear(rank, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            if A is None:  # training init (PEFT / Hu et al.): A random, B zero, so ΔW = 0 at start
+                nn.init.kaiming_uniform_(lin_a.weight, a=math.sqrt(5))
+                nn.init.zeros_(lin_b.weight)
+            else:
+                lin_a.weight.copy_(A)  # (r, in)
+                lin_b.weight.copy_(B)  # (out, r)
+        self.lora_A[name], self.lora_B[name] = lin_a, lin_b
+        self._ab[name] = (lin_a.weight, lin_b.weight)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = scaling
+        self._stack_cache = None
+        self._norm_cache.pop(name, None)
+
+    def remove_adapter(self, name: str) -> None:
+        if name == self.merged_adapter:
+            self.unmerge()
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[name]
+        del self.scaling[name], self._ab[name]
+        self._norm_cache.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+        self._stack_cache = None
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # Code that reads `layer.weight` (weight tying, init helpers) keeps working once the layer is wrapped.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def _branch(self, x: torch.Tensor, name: str, *, sign: float = 1.0) -> torch.Tensor:
+        x = self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype))
+        return self.lora_B[name](self.lora_A[name](x)) * (sign * self.scaling[name])  # (…, r) -> (…, out)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # (…, out): W0 x, or (W0 + ΔW_M) x while M is merged
+        if self._router.row_ids is not None and self.lora_A:
+            return self._mixed_forward(x, result)
+        active, merged = self.active_adapter, self.merged_adapter
+        if active == merged:
+            return result
+        if active is not None and active in self.lora_A:
+            result = result + self._branch(x, active).to(result.dtype)
+        if merged is not None:
+            result = result + self._branch(x, merged, sign=-1.0).to(result.dtype)
+        return result
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Row i gets s_i·B_i·A_i·x_i with one gather + two batched matmuls, not a loop over adapters."""
+        table, a_stack, b_stack = self._stacks()
+        local = table[self._router.row_ids]  # (Bsz,) slot per row; slot 0 = base rows
+        # Slot 0 is empty only while nothing is merged here; otherwise base rows must subtract M's branch.
+        if self.merged_adapter is None and not bool(local.any()):
+            return result
+        bsz = x.shape[0]
+        x3 = x.reshape(bsz, -1, self.in_features).to(a_stack.dtype)  # (Bsz, T, in)
+        a_rows = a_stack[local]  # (Bsz, R, in)
+        b_rows = b_stack[local]  # (Bsz, out, R), scaling folded in
+        h = torch.bmm(x3, a_rows.transpose(1, 2))  # (Bsz, T, R)
+        delta = torch.bmm(h, b_rows.transpose(1, 2))  # (Bsz, T, out)
+        return result + delta.reshape(result.shape).to(result.dtype)
+
+    def _stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stacked (slots, R, in) and (slots, out, R) tables, rebuilt only when adapters or merge change.
+
+        Slot k>0 holds adapter k padded to the widest rank R. While M is merged every other slot carries
+        M's negated branch concatenated along the rank axis, and M's own slot is empty, so one gather
+        still gives each row exactly its own adapter."""
+        names = self.adapter_names()
+        # The tables are copies, so an optimizer step on A/B (which bumps the tensors' `_version`) must
+        # rebuild them too, not only a change of the resident set.
+        version = (self._router.version, tuple((self.lora_A[n].weight._version, self.lora_B[n].weight._version)
+                                               for n in names))
+        if self._stack_cache is not None and self._stack_cache[0] == version:
+            return self._stack_cache[1:]
+        merged = self.merged_adapter
+        w = self.lora_A[names[0]].weight
+        pieces: dict[str | None, list[tuple[torch.Tensor, torch.Tensor]]] = {None: []}
+        for name in names:
+            own = (self.lora_A[name].weight, self.lora_B[name].weight * self.scaling[name])  # (r, in), (out, r)
+            pieces[name] = [] if name == merged else [own]
+        if merged is not None:
+            neg = (self.lora_A[merged].weight, self.lora_B[merged].weight * -self.scaling[merged])
+            for name in pieces:
+                if name != merged:
+                    pieces[name].append(neg)
+        rank = max([sum(a.shape[0] for a, _ in p) for p in pieces.values()] + [1])
+        n_global = max(self._global_ids.values(), default=0) + 1
+        table = torch.zeros(n_global, dtype=torch.long, device=w.device)
+        a_stack = torch.zeros(len(pieces), rank, self.in_features, dtype=w.dtype, device=w.device)
+        b_stack = torch.zeros(len(pieces), self.out_features, rank, dtype=w.dtype, device=w.device)
+        for slot, (name, parts) in enumerate(pieces.items()):
+            if name is not None:
+                table[self._global_ids[name]] = slot
+            offset = 0
+            for a, b in parts:
+                a_stack[slot, offset:offset + a.shape[0]] = a.detach()
+                b_stack[slot, :, offset:offset + a.shape[0]] = b.detach()
+                offset += a.shape[0]
+        self._stack_cache = (version, table, a_stack, b_stack)
+        return table, a_stack, b_stack
+
+    # ------------------------------------------------------------------ merge
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s·B·A in the base weight's orientation: (out, in), or (in, out) for Conv1D."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        delta = (b @ a) * self.scaling[name]  # (out, r) @ (r, in) -> (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def snapshot_pristine(self, device: torch.device | str | None = None) -> None:
+        if self._pristine is None:
+            w = self.base_layer.weight.detach()
+            self._pristine = w.to(device or w.device, copy=True)
+            self._pristine_absmax = float(w.abs().max()) if w.numel() else 0.0
+            # Half the dtype's max: the bound below must stay under it (0 for a non-float weight: always check).
+            self._merge_limit = 0.5 * torch.finfo(w.dtype).max if w.dtype.is_floating_point else 0.0
+
+    def pristine_nbytes(self) -> int:
+        return 0 if self._pristine is None else self._pristine.numel() * self._pristine.element_size()
+
+    def may_overflow(self, name: str) -> bool:
+        """Cheap bound: |W0 + s·B·A| ≤ max|W0| + |s|·max_i‖B_i‖·max_j‖A_:j‖ (Cauchy-Schwarz), and every partial
+        sum of the matmul obeys it too. The unscaled B·A also gets the bound (factor max(|s|, 1)), since a
+        backend may round it before applying s. Well under the dtype's max, no inf is possible and the
+        merge needs no full check: a few tiny norms instead of a scratch copy of W."""
+        bound = self._pristine_absmax + max(abs(self.scaling[name]), 1.0) * self._norm_product(name)
+        return not bound < self._merge_limit  # also True for a NaN bound
+
+    def _norm_product(self, name: str) -> float:
+        """max_i‖B_i‖ · max_j‖A_:j‖, cached until A or B change (their `_version` moves on any in-place write)."""
+        a, b = self._ab[name]
+        versions = (a._version, b._version)
+        cached = self._norm_cache.get(name)
+        if cached is None or cached[0] != versions:
+            product = float(b.detach().float().norm(dim=1).max()) * float(a.detach().float().norm(dim=0).max())
+            cached = self._norm_cache[name] = (versions, product)
+        return cached[1]
+
+    def _write_merged(self, name: str, pristine: torch.Tensor, out: torch.Tensor) -> None:
+        """out = W0 + s·B·A computed from W0, never W -= …: this is the only merge formula, shared by the
+        commit and the safety check so that both round identically."""
+        (a, b), s = self._ab[name], self.scaling[name]
+        # In W's own layout: Linear (out, in) = B (out, r) @ A (r, in); Conv1D (in, out) = Aᵀ (in, r) @ Bᵀ (r, out).
+        left, right = (a.T, b.T) if self.fan_in_fan_out else (b, a)
+        # addmm reads W0 and writes W: about one copy of W plus a rank-r matmul. Row blocks sized to stay
+        # in cache were measured too (CPU, fp32, GPT-2 small): no faster single-threaded, and much slower
+        # with two threads, where every small call pays a thread barrier.
+        torch.addmm(pristine, left, right, alpha=s, out=out)  # (rows, r) @ (r, cols) -> (rows, cols)
+
+    def _pristine_on_device(self) -> torch.Tensor:
+        assert self._pristine is not None, "snapshot_pristine() first"
+        w = self.base_layer.weight
+        return self._pristine if self._pristine.device == w.device else self._pristine.to(w.device, non_blocking=True)
+
+    @torch.no_grad()
+    def merged_candidate_is_finite(self, name: str) -> bool:
+        """PEFT's safe_merge: build the merged weight in a scratch buffer and look at it; W is not touched."""
+        candidate = torch.empty_like(self.base_layer.weight)
+        self._write_merged(name, self._pristine_on_device(), candidate)
+        return bool(torch.isfinite(candidate).all())
+
+    def merge(self, name: str | None) -> None:
+        """Write W = W0 + s·B·A (or W0 for None) straight from the pristine copy: a switch is one pass."""
+        if name not in self._ab:
+            name = None
+        with torch.no_grad():
+            w = self.base_layer.weight
+            pristine = self._pristine_on_device()
+            if name is None:
+                w.copy_(pristine)
+            else:
+                self._write_merged(name, pristine, w)
+        # Plain state goes straight into __dict__: nn.Module.__setattr__ costs microseconds a call, and a
+        # switch makes a few per layer. (These attributes are never parameters, buffers or modules.)
+        self.__dict__.update(merged_adapter=name, _stack_cache=None)
+
+    def unmerge(self) -> None:
+        if self._pristine is not None and self.merged_adapter is not None:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(self._pristine_on_device())  # a copy, never a subtraction
+        self.__dict__.update(merged_adapter=None, _stack_cache=None)

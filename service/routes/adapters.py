@@ -1,0 +1,95 @@
+"""/v1/adapters: upload, list, describe, download, delete and merge adapters. Admin keys only."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
+from service.deps import BaseDep, EngineDep, MetricsDep, RequireAdmin, SettingsDep, StoreDep
+from service.operations import delete_adapter, refuse_if_taken, store_adapter
+from service.routes import error_responses
+from service.schemas import AdapterInfo, AdapterList, DeletedAdapter, StateResponse
+from service.store import FILENAMES, NAME_PATTERN
+from service.uploads import SINGLE_FIELD, content_boundary, read_adapter_upload
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[RequireAdmin],
+                   responses=error_responses(401, 403))
+
+Name = Annotated[str, Path(pattern=NAME_PATTERN, description=f"Adapter name, matching {NAME_PATTERN}")]
+
+_binary = {"type": "string", "format": "binary"}
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {"oneOf": [
+        {"title": "PEFT directory", "type": "object", "required": [CONFIG_NAME, WEIGHTS_NAME],
+         "properties": {CONFIG_NAME: _binary, WEIGHTS_NAME: _binary}},
+        {"title": "Single file", "type": "object", "required": [SINGLE_FIELD],
+         "properties": {SINGLE_FIELD: {**_binary, "description": "safetensors whose __metadata__ holds "
+                                                                 "adapter_config as JSON"}}},
+    ]}}},
+}
+
+
+@router.put("/{name}", status_code=201, response_model=AdapterInfo, summary="Upload an adapter",
+            openapi_extra={"requestBody": _UPLOAD_BODY}, responses=error_responses(400, 409, 413, 415, 422, 503))
+async def upload_adapter(name: Name, request: Request, store: StoreDep, engine: EngineDep, base: BaseDep,
+                         settings: SettingsDep, metrics: MetricsDep,
+                         overwrite: Annotated[bool, Query(description="Store a new version if the name exists")] = False
+                         ) -> AdapterInfo:
+    """A PEFT adapter as its two files, or in single-file form. It is validated in full against the
+    base model (every key, shape, rank ≤ max_rank, finite values) before it is stored."""
+    boundary = content_boundary(request)  # 415 before anything else is read
+    refuse_if_taken(store, name, overwrite)  # 409 before the body is read
+    try:
+        weights = await read_adapter_upload(request, boundary, int(settings.max_upload_bytes))
+    except Exception:
+        metrics.uploads.labels(outcome="rejected").inc()
+        raise
+    record = await store_adapter(engine, store, metrics, name, weights, overwrite=overwrite)
+    return AdapterInfo.of(record, base.num_parameters, base.nbytes)
+
+
+@router.get("", response_model=AdapterList, summary="List adapters (by name, paginated)")
+async def list_adapters(store: StoreDep, base: BaseDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                        after: Annotated[str | None, Query(description="The `next` of the previous page")] = None
+                        ) -> AdapterList:
+    records, has_more = store.list(limit=limit, after=after)
+    data = [AdapterInfo.of(r, base.num_parameters, base.nbytes) for r in records]
+    return AdapterList(data=data, total=store.count(), has_more=has_more,
+                       next=records[-1].name if has_more and records else None)
+
+
+@router.get("/{name}", response_model=AdapterInfo, summary="An adapter's metadata",
+            responses=error_responses(404, 422))
+async def get_adapter(name: Name, store: StoreDep, base: BaseDep) -> AdapterInfo:
+    return AdapterInfo.of(store.get(name), base.num_parameters, base.nbytes)
+
+
+@router.get("/{name}/files/{filename}", summary="Download one of the stored PEFT files", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}},
+                       **error_responses(404, 422)})
+async def download_file(name: Name, filename: Annotated[str, Path(description=" or ".join(FILENAMES))],
+                        store: StoreDep) -> Response:
+    data = await run_in_threadpool(store.read_file, name, filename)
+    media_type = "application/json" if filename == CONFIG_NAME else "application/octet-stream"
+    return Response(data, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+
+@router.delete("/{name}", response_model=DeletedAdapter, summary="Delete an adapter",
+               responses=error_responses(404, 422, 503))
+async def remove_adapter(name: Name, store: StoreDep, engine: EngineDep) -> DeletedAdapter:
+    record = await delete_adapter(engine, store, name)
+    return DeletedAdapter(name=record.name, version=record.version)
+
+
+@router.post("/{name}/merge", response_model=StateResponse, summary="Merge an adapter into the base weights",
+             responses=error_responses(404, 422, 503))
+async def merge_adapter(name: Name, engine: EngineDep) -> StateResponse:
+    """W = W0 + s·B·A in place: zero overhead for requests naming it. Pins merged mode until
+    POST /v1/unmerge; requests naming other adapters or `base` are still served exactly."""
+    return StateResponse(**await engine.merge(name))

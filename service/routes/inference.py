@@ -1,0 +1,153 @@
+"""OpenAI-compatible inference. `model` names an adapter, or `base` for none. Inference or admin keys.
+
+    POST /v1/completions   causal LMs; `stream: true` answers server-sent events ending in `data: [DONE]`
+    POST /v1/embeddings    encoders (mean-pooled, L2-normalised)
+    POST /v1/classify      classifiers, or an encoder adapter carrying a classifier head
+    GET  /v1/models        the base and every stored adapter
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from service.deps import BaseDep, EngineDep, RequireInference, StoreDep
+from service.engine import CompletionChunk, CompletionResult
+from service.engine import CompletionRequest as EngineCompletion
+from service.errors import BadRequest, error_body
+from service.routes import error_responses
+from service.schemas import (
+    Classification,
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    LabelScore,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[RequireInference],
+                   responses=error_responses(400, 401, 404, 422, 503))
+
+
+def _texts(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+@router.post("/completions", response_model=CompletionResponse, summary="Complete a prompt (OpenAI-compatible)",
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "JSON, or with stream=true, server-sent events"}})
+async def completions(body: CompletionRequest, engine: EngineDep) -> CompletionResponse | StreamingResponse:
+    requests = [EngineCompletion(model=body.model, prompt=p, max_tokens=body.max_tokens, temperature=body.temperature,
+                                 top_p=body.top_p, seed=body.seed, stop=body.stops(),
+                                 logprobs=body.logprobs is not None, stream=body.stream)
+                for p in _texts(body.prompt)]
+    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model}
+    if body.stream:
+        if len(requests) != 1:
+            raise BadRequest("stream=true takes a single prompt", key="prompt")
+        chunks = engine.stream(requests[0])
+        first = await anext(chunks)  # unknown adapter, wrong task... fail here, with a proper status
+        return StreamingResponse(_sse(first, chunks, meta), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    results: list[CompletionResult] = await asyncio.gather(*(engine.complete(r) for r in requests))
+    choices = [_choice(i, r) for i, r in enumerate(results)]
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return CompletionResponse(**meta, choices=choices, usage=usage)
+
+
+def _choice(index: int, result: CompletionResult) -> CompletionChoice:
+    c = result.choice
+    logprobs = None
+    if c.token_logprobs is not None:
+        offsets, at = [], 0
+        for token in c.tokens:
+            offsets.append(at)
+            at += len(token)
+        logprobs = CompletionLogprobs(tokens=c.tokens, token_logprobs=c.token_logprobs, text_offset=offsets)
+    return CompletionChoice(text=c.text, index=index, logprobs=logprobs, finish_reason=c.finish_reason)
+
+
+async def _sse(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], meta: dict) -> AsyncIterator[str]:
+    """`data: {...}` per chunk, then `data: [DONE]`; a failure mid-stream is sent as an error event."""
+    offset = 0
+
+    def event(chunk: CompletionChunk) -> str:
+        nonlocal offset
+        logprobs = None
+        if chunk.token_logprob is not None:
+            logprobs = {"tokens": [chunk.text], "token_logprobs": [chunk.token_logprob], "top_logprobs": None,
+                        "text_offset": [offset]}
+        offset += len(chunk.text)
+        choice = {"text": chunk.text, "index": 0, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
+        return f"data: {json.dumps({**meta, 'choices': [choice]})}\n\n"
+
+    try:
+        yield event(first)
+        async for chunk in rest:
+            yield event(chunk)
+    except Exception as exc:  # noqa: BLE001 - the status line is gone; report in-band
+        yield f"data: {json.dumps(error_body(exc))}\n\n"
+    finally:
+        await rest.aclose()
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/embeddings", response_model=EmbeddingResponse, summary="Embed texts (OpenAI-compatible)")
+async def embeddings(body: EmbeddingRequest, engine: EngineDep) -> EmbeddingResponse:
+    result = await engine.embed(body.model, _texts(body.input))
+    data = [Embedding(index=i, embedding=_encode(e, body.encoding_format)) for i, e in enumerate(result.embeddings)]
+    usage = Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    return EmbeddingResponse(data=data, model=body.model, usage=usage)
+
+
+def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":  # what the openai client asks for by default
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+@router.post("/classify", response_model=ClassifyResponse, summary="Classify texts")
+async def classify(body: ClassifyRequest, engine: EngineDep) -> ClassifyResponse:
+    result = await engine.classify(body.model, _texts(body.input))
+    data = [Classification(index=i, label=ranked[0]["label"], score=ranked[0]["score"],
+                           scores=[LabelScore(**s) for s in ranked]) for i, ranked in enumerate(result.results)]
+    usage = Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    return ClassifyResponse(data=data, model=body.model, usage=usage)
+
+
+@router.get("/models", response_model=ModelList, summary="The base model and every adapter (OpenAI-style)")
+async def models(store: StoreDep, base: BaseDep) -> ModelList:
+    cards = [ModelCard(id="base", created=0, root=base.model_id, parent=None)]
+    after = None
+    while True:
+        records, has_more = store.list(limit=1000, after=after)
+        cards += [ModelCard(id=r.name, created=_epoch(r.created_at), root=base.model_id, parent="base")
+                  for r in records]
+        if not has_more:
+            return ModelList(data=cards)
+        after = records[-1].name
+
+
+def _epoch(iso: str) -> int:
+    return int(datetime.fromisoformat(iso).timestamp())

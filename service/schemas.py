@@ -1,0 +1,222 @@
+"""Request and response bodies. They are the OpenAPI schema, so every route declares them.
+
+Families: adapters (`AdapterInfo`, `AdapterList`, `ComposeRequest`), state (`StateResponse`), the
+OpenAI-compatible inference bodies (`CompletionRequest`, `EmbeddingRequest`, ...) and `ErrorResponse`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters import Footprint
+from service.store import FILENAMES, NAME_PATTERN, AdapterRecord
+
+__all__ = [
+    "ErrorDetail", "ErrorResponse", "FootprintInfo", "AdapterInfo", "AdapterList", "DeletedAdapter", "ComposeItem",
+    "ComposeRequest", "ComposeResponse", "StateResponse", "CompletionRequest", "CompletionLogprobs",
+    "CompletionChoice", "Usage", "CompletionResponse", "EmbeddingRequest", "Embedding", "EmbeddingResponse",
+    "ClassifyRequest", "LabelScore", "Classification", "ClassifyResponse", "ModelCard", "ModelList", "Health",
+]
+
+MAX_INPUTS = 2048  # texts per embeddings/classify request, as OpenAI allows
+Texts = str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
+
+
+# ------------------------------------------------------------------------------------- errors
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(examples=["adapter_mismatch_error"])
+    key: str | None = Field(None, description="The offending tensor key, config field or request field, if any")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ------------------------------------------------------------------------------------- adapters
+class FootprintInfo(BaseModel):
+    adapter_parameters: int
+    adapter_bytes: int = Field(description="Bytes of the stored files")
+    base_parameters: int
+    base_bytes: int
+    parameter_ratio: float
+    bytes_ratio: float = Field(description="adapter_bytes / base_bytes")
+
+
+class AdapterInfo(BaseModel):
+    object: Literal["adapter"] = "adapter"
+    name: str
+    version: int = Field(description="1 on the first upload; +1 on each overwrite")
+    sha256: str = Field(description="Of the canonical stored files: identical adapters share one copy")
+    bytes: int = Field(description="Size of the stored files")
+    rank: int = Field(description="The largest rank of any module")
+    targets: list[str] = Field(description="Module paths that carry LoRA matrices")
+    num_parameters: int
+    task_type: str | None
+    created_at: str
+    files: list[str]
+    footprint: FootprintInfo
+    meta: dict[str, Any] = Field(default_factory=dict, description="How the adapter was made (compose inputs)")
+
+    @classmethod
+    def of(cls, record: AdapterRecord, base_parameters: int, base_bytes: int, **extra: Any) -> AdapterInfo:
+        footprint = Footprint(record.num_parameters, record.bytes, base_parameters, base_bytes)
+        return cls(**record.as_dict(), files=list(FILENAMES), footprint=FootprintInfo(**footprint.as_dict()), **extra)
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+    total: int
+    has_more: bool
+    next: str | None = Field(description="Pass as ?after= to get the next page; null on the last page")
+
+
+class DeletedAdapter(BaseModel):
+    object: Literal["adapter.deleted"] = "adapter.deleted"
+    name: str
+    version: int
+    deleted: bool = True
+
+
+class ComposeItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    weight: float = 1.0
+
+
+class ComposeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, description="Name of the adapter to create")
+    adapters: list[ComposeItem] = Field(min_length=1, max_length=64)
+    rank: int | None = Field(None, ge=1, description="null: the exact sum (ranks add up); k: its best rank-k SVD")
+    overwrite: bool = False
+
+
+class ComposeResponse(AdapterInfo):
+    relative_error: float | None = Field(description="‖ΔW − ΔW_k‖ / ‖ΔW‖ over all modules; null when exact")
+    ranks: dict[str, int]
+
+
+# ------------------------------------------------------------------------------------- state
+class StateResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    merged_adapter: str | None
+    pinned: bool = Field(False, description="True after an explicit merge, until an explicit unmerge")
+    mode: Literal["merged", "unmerged"]
+    merge_policy: dict[str, Any]
+    resident_adapters: list[str]
+    fingerprint: str | None = Field(description="sha256 of every base weight a merge can change, as they are now")
+    pristine_fingerprint: str | None = Field(description="The same over the pristine weights; equal when unmerged")
+
+
+# ------------------------------------------------------------------------------------- OpenAI-compatible inference
+class CompletionRequest(BaseModel):
+    model: str = Field(description="An adapter name, or 'base'")
+    prompt: Texts = Field(description="A prompt, or a list of prompts (one choice each)")
+    max_tokens: int = Field(16, ge=0, le=8192)
+    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 stop strings")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Any value returns each sampled token's logprob")
+    stream: bool = False
+    n: Literal[1] = 1
+    user: str | None = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    model: str = Field(description="An adapter name, or 'base'")
+    input: Texts
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ClassifyRequest(BaseModel):
+    model: str = Field(description="An adapter name, or 'base'")
+    input: Texts
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Classification(BaseModel):
+    index: int
+    label: str = Field(description="The most likely label")
+    score: float
+    scores: list[LabelScore] = Field(description="Every label, best first")
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Classification]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lora-service"
+    root: str = Field(description="The base model")
+    parent: str | None = Field(description="'base' for an adapter, null for the base itself")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "not ready"]

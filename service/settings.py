@@ -1,0 +1,153 @@
+"""Every setting of the service, in one place: `LORA_*` environment variables and `lora-serve` flags.
+
+    lora-serve --base-model ./my-gpt2 --store /data/store --admin-keys $KEY      # flags win,
+    LORA_STORE=/data/store LORA_ADMIN_KEYS=k1,k2 lora-serve                     # then LORA_* variables,
+                                                                                # then the defaults below.
+
+Nothing else in the codebase reads `os.environ`. Settings that would make the service unsafe or
+ambiguous (several workers, short or shared API keys, a missing base model directory) are refused
+here, with the reason, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import ByteSize, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "MIN_KEY_LENGTH"]
+
+MIN_KEY_LENGTH = 16
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_KEY = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII without spaces: it travels in an HTTP header
+_MiB = 2**20
+
+Keys = Annotated[list[str], NoDecode]  # "k1,k2" from the environment, not JSON
+
+
+class Settings(BaseSettings):
+    """
+    lora-serve: one frozen base model, many LoRA adapters, served over HTTP.
+
+    Every flag can also be set by the environment variable shown beside it; flags win. Lists such as
+    --admin-keys are comma-separated (LORA_ADMIN_KEYS=key1,key2). Byte sizes accept units (64MiB, 1GB).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORA_", cli_prog_name="lora-serve", cli_kebab_case=True, cli_hide_none_type=True,
+        cli_avoid_json=True, cli_show_env_vars=True, use_attribute_docstrings=True, extra="forbid",
+    )
+
+    # ---------------------------------------------------------------- the model
+    base_model: str | None = None
+    """Hugging Face checkpoint directory of the frozen base model (default: the packaged all-MiniLM-L6-v2)."""
+    task: Literal["generate", "classify", "embed"] | None = None
+    """Override the task inferred from the checkpoint (causal LM: generate, classifier: classify, else embed)."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the base weights and of resident adapters."""
+
+    # ---------------------------------------------------------------- the store
+    store: Path = Path("store")
+    """Adapter store directory (created if missing; keep it on a durable volume)."""
+    max_rank: int = Field(64, ge=1, le=4096)
+    """Largest LoRA rank accepted on upload (a larger one is refused with 422)."""
+    max_upload_bytes: ByteSize = Field(ByteSize(64 * _MiB), ge=1024)
+    """Largest upload body, enforced while it streams (a larger one is refused with 413)."""
+
+    # ---------------------------------------------------------------- HTTP
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 exposes the service; configure API keys first)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port."""
+    workers: int = 1
+    """Worker processes. Must be 1: the process owns the weights, the adapter cache and the merge state."""
+    admin_keys: Keys = Field(default=[], repr=False)
+    """Bearer keys that may upload, delete, merge and compose adapters (and infer). Comma-separated."""
+    inference_keys: Keys = Field(default=[], repr=False)
+    """Bearer keys that may only run inference. Auth is off only when neither list holds a key."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Log level of the service and of uvicorn."""
+
+    # ---------------------------------------------------------------- the engine
+    host_cache_bytes: ByteSize = Field(ByteSize(512 * _MiB), ge=0)
+    """Host-RAM LRU of validated adapters, in bytes."""
+    device_cache_adapters: int = Field(32, ge=1)
+    """Most adapters resident on the device at once."""
+    device_cache_bytes: ByteSize = Field(ByteSize(256 * _MiB), ge=1)
+    """Most bytes of adapters resident on the device at once."""
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    """Most requests gathered into one forward."""
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    """Longest a request waits for others to share its batch, in milliseconds."""
+    merge_policy: Literal["never", "always", "auto"] = "auto"
+    """never: always unmerged; always: merge each batch's adapter; auto: merge when one adapter dominates."""
+
+    # ---------------------------------------------------------------- validation
+    @field_validator("admin_keys", "inference_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("log_level", "dtype", "merge_policy", "task", "device", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("base_model")
+    @classmethod
+    def _check_base_model(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not Path(value).is_dir():
+            raise ValueError(f"{value!r} is not a directory; the base model must be a local Hugging Face "
+                             "checkpoint directory (nothing is downloaded)")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"store {str(value)!r} exists and is not a directory")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.workers != 1:
+            raise ValueError("--workers (LORA_WORKERS) must be 1: a worker owns the weights, the adapter cache and "
+                             "the merge state, so several would each hold a copy and disagree about what is merged")
+        for key in (*self.admin_keys, *self.inference_keys):
+            if len(key) < MIN_KEY_LENGTH or not _KEY.match(key):
+                raise ValueError(f"API keys must be at least {MIN_KEY_LENGTH} printable ASCII characters without "
+                                 "spaces (make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        if set(self.admin_keys) & set(self.inference_keys):
+            raise ValueError("a key is listed both as an admin key and as an inference key")
+        return self
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.admin_keys or self.inference_keys)
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings for logs and /v1/state: keys are replaced by their count."""
+        data = self.model_dump(mode="json", exclude={"admin_keys", "inference_keys"})
+        data.update(admin_keys=len(self.admin_keys), inference_keys=len(self.inference_keys))
+        return data

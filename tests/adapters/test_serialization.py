@@ -1,0 +1,208 @@
+"""PEFT directory and single-file forms; hostile and broken bytes are refused before anything is built."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lora_fixtures import make_gpt2, random_weights
+from safetensors.torch import save as st_save
+
+from adapters import (
+    AdapterFormatError,
+    AdapterTooLargeError,
+    LoraWeights,
+    load_peft_dir,
+    load_single_file,
+    save_peft_dir,
+    save_single_file,
+    single_file_from_bytes,
+    to_peft_bytes,
+    to_single_file_bytes,
+    weights_from_bytes,
+)
+from adapters.serialization import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME
+
+
+@pytest.fixture
+def weights() -> LoraWeights:
+    w = random_weights(make_gpt2(), 1, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_rslora=True,
+                       rank_pattern={"h.1.mlp.c_fc": 2}, alpha_pattern={"c_attn": 3.0},
+                       modules_to_save=["score"])
+    w.modules_to_save = {"score.weight": torch.randn(2, 32)}
+    return w
+
+
+def _assert_same(a: LoraWeights, b: LoraWeights) -> None:
+    assert a.config == b.config
+    assert a.lora.keys() == b.lora.keys() and a.modules_to_save.keys() == b.modules_to_save.keys()
+    for path in a.lora:
+        assert all(torch.equal(x, y) for x, y in zip(a.lora[path], b.lora[path], strict=True))
+    assert all(torch.equal(a.modules_to_save[k], b.modules_to_save[k]) for k in a.modules_to_save)
+
+
+def test_peft_dir_round_trip(weights, tmp_path):
+    save_peft_dir(weights, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    _assert_same(load_peft_dir(tmp_path), weights)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert list(config["alpha_pattern"]) == ["c_attn"] and config["rank_pattern"] == {"h.1.mlp.c_fc": 2}
+
+
+def test_modules_to_save_are_full_tensors_under_their_module_path(weights):
+    _, data = to_peft_bytes(weights)
+    header = _header(data)
+    assert header["base_model.model.score.weight"]["shape"] == [2, 32]
+    assert "base_model.model.transformer.h.1.mlp.c_fc.lora_A.weight" in header
+
+
+def test_single_file_round_trip(weights, tmp_path):
+    data = to_single_file_bytes(weights)
+    assert METADATA_KEY in _header(data)["__metadata__"]
+    _assert_same(single_file_from_bytes(data), weights)
+    path = save_single_file(weights, tmp_path / "adapter.safetensors")
+    _assert_same(load_single_file(path), weights)
+    _assert_same(load_peft_dir(path), weights)  # a file path is read as the single-file form
+
+
+def test_bytes_round_trip(weights):
+    _assert_same(weights_from_bytes(*to_peft_bytes(weights)), weights)
+
+
+def test_rank_pattern_order_survives_saving():
+    """The first matching pattern wins, so saving must not reorder them (json sort_keys would)."""
+    w = random_weights(make_gpt2(), 1, r=4, lora_alpha=8, target_modules=["c_attn"],
+                       rank_pattern={"h.1.attn.c_attn": 2, "c_attn": 3}, alpha_pattern={"z.*": 1.0, "c_attn": 5.0})
+    back = weights_from_bytes(*to_peft_bytes(w))
+    assert list(back.config.rank_pattern) == ["h.1.attn.c_attn", "c_attn"]
+    assert list(back.config.alpha_pattern) == ["z.*", "c_attn"]
+    assert back.config.rank_for("transformer.h.1.attn.c_attn") == 2
+
+
+# ------------------------------------------------------------------------------------------ never unpickle
+class _Boom:
+    """Unpickling this writes a marker file: proof of whether anything was unpickled."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled!"))
+
+
+def _hostile_pickles(tmp_path: Path) -> dict[str, bytes]:
+    _Boom.marker = tmp_path / "UNPICKLED"
+    obj = {"base_model.model.x.lora_A.weight": _Boom()}
+    zipped = tmp_path / "zip.bin"
+    torch.save(obj, zipped)  # torch.save's zip format
+    return {"zip": zipped.read_bytes(), **{f"proto{p}": pickle.dumps(obj, protocol=p) for p in (2, 3, 4, 5)}}
+
+
+def test_pickle_bytes_are_refused_without_unpickling(weights, tmp_path):
+    config, _ = to_peft_bytes(weights)
+    for kind, data in _hostile_pickles(tmp_path).items():
+        with pytest.raises(AdapterFormatError, match="pickle"):
+            weights_from_bytes(config, data)
+        with pytest.raises(AdapterFormatError):
+            single_file_from_bytes(data)
+        assert not (tmp_path / "UNPICKLED").exists(), kind
+
+
+def test_bin_adapter_files_are_refused(weights, tmp_path):
+    data = _hostile_pickles(tmp_path)["zip"]
+    adapter = tmp_path / "peft_bin"
+    adapter.mkdir()
+    (adapter / CONFIG_NAME).write_bytes(to_peft_bytes(weights)[0])
+    (adapter / "adapter_model.bin").write_bytes(data)
+    with pytest.raises(AdapterFormatError, match=r"adapter_model\.bin is a pickle"):
+        load_peft_dir(adapter)
+    (tmp_path / "a.bin").write_bytes(data)
+    with pytest.raises(AdapterFormatError, match="pickle"):
+        load_single_file(tmp_path / "a.bin")
+    assert not (tmp_path / "UNPICKLED").exists()
+
+
+# ------------------------------------------------------------------------------------------ broken files
+def _header(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n])
+
+
+def _with_header(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+@pytest.mark.parametrize("cut", [0, 5, 20, -1, -100])
+def test_truncated_safetensors(weights, cut):
+    config, data = to_peft_bytes(weights)
+    with pytest.raises(AdapterFormatError, match="truncated|outside the file"):
+        weights_from_bytes(config, data[:cut])
+
+
+def test_corrupted_header(weights):
+    config, data = to_peft_bytes(weights)
+    (n,) = struct.unpack("<Q", data[:8])
+    garbage = data[:8] + b"\xff" * n + data[8 + n:]
+    with pytest.raises(AdapterFormatError, match="not valid JSON"):
+        weights_from_bytes(config, garbage)
+    header = _header(data)
+    body = data[8 + n:]
+    key = next(k for k in header if k != "__metadata__")
+    for broken in (
+        {**header, key: {**header[key], "shape": [1, 2, 3]}},  # size disagrees with dtype x shape
+        {**header, key: {**header[key], "data_offsets": [0, 10**12]}},  # points outside the data
+        {**header, key: {**header[key], "dtype": "Q9"}},  # unknown dtype
+        {**header, key: "nonsense"},
+        ["not", "an", "object"],
+    ):
+        with pytest.raises(AdapterFormatError):
+            weights_from_bytes(config, _with_header(broken, body))
+
+
+def test_header_claiming_gigabytes_neither_allocates_nor_hangs(weights):
+    config, data = to_peft_bytes(weights)
+    for claim in (2**33, 2**63):
+        start = time.perf_counter()
+        with pytest.raises(AdapterTooLargeError, match="header claims"):
+            weights_from_bytes(config, struct.pack("<Q", claim) + data[8:])
+        assert time.perf_counter() - start < 1.0
+    # A tensor entry claiming 16 GB inside a small file is refused from the header alone.
+    huge = {"base_model.model.x.lora_A.weight": {"dtype": "F32", "shape": [2**16, 2**16], "data_offsets": [0, 2**34]}}
+    start = time.perf_counter()
+    with pytest.raises(AdapterFormatError, match="outside the file"):
+        weights_from_bytes(config, _with_header(huge, b"\0" * 64))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_integer_tensor_is_refused_naming_the_key(weights):
+    config, _ = to_peft_bytes(weights)
+    data = st_save({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.ones(4, 32, dtype=torch.int32),
+                    "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.ones(96, 4)})
+    with pytest.raises(AdapterFormatError, match="floating point") as err:
+        weights_from_bytes(config, data)
+    assert err.value.key == "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+
+
+def test_single_file_without_config_metadata(weights):
+    with pytest.raises(AdapterFormatError, match="__metadata__"):
+        single_file_from_bytes(st_save(weights.to_state_dict()))
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(AdapterFormatError, match=WEIGHTS_NAME):
+        load_peft_dir(tmp_path)
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"")
+    with pytest.raises(AdapterFormatError, match=CONFIG_NAME):
+        load_peft_dir(tmp_path)
+
+
+@pytest.mark.parametrize("config", [b"[1, 2]", b'{"r": "8"}', b"{not json", b"\xff\xfe", b'{"target_modules": 5}'])
+def test_wrong_config_type_in_bytes(weights, config):
+    _, data = to_peft_bytes(weights)
+    with pytest.raises(AdapterFormatError):
+        weights_from_bytes(config, data)

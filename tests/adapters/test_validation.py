@@ -1,0 +1,157 @@
+"""Every refusal before a weight is touched: unsupported PEFT features, and adapters that do not fit."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from lora_fixtures import make_bert, make_bert_cls, make_gpt2, output, peft_adapter, random_weights, tokens
+
+from adapters import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    AdapterTooLargeError,
+    LoraModel,
+    LoraWeights,
+    UnsupportedAdapterError,
+    load_peft_dir,
+    validate_adapter,
+)
+
+KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+
+
+# --------------------------------------------------------------------- unsupported features, made by PEFT itself
+@pytest.mark.parametrize(("feature", "config", "field", "key_part"), [
+    ("dora", dict(use_dora=True), "use_dora", "lora_magnitude_vector"),
+    ("lora_bias", dict(lora_bias=True), "lora_bias", "lora_B.bias"),
+    ("bias_all", dict(bias="all"), "bias", ".bias"),  # every bias of the model is saved
+    ("embedding", dict(target_modules=["wte", "c_attn"]), None, "wte.lora_embedding_"),
+])
+def test_peft_features_we_do_not_implement_are_refused_by_name(tmp_path, feature, config, field, key_part):
+    config = {"target_modules": ["c_attn"], **config}
+    peft_adapter(make_gpt2(), tmp_path, r=2, lora_alpha=4, **config)
+    if field is not None:
+        with pytest.raises(UnsupportedAdapterError, match=field) as err:
+            load_peft_dir(tmp_path)
+        assert err.value.key == field
+        # Even with the config field scrubbed, the tensors themselves give the feature away.
+        path = tmp_path / "adapter_config.json"
+        data = json.loads(path.read_text())
+        data.update(use_dora=False, lora_bias=False, bias="none")
+        path.write_text(json.dumps(data))
+    with pytest.raises((UnsupportedAdapterError, AdapterFormatError)) as err:
+        load_peft_dir(tmp_path)
+    assert key_part in err.value.key
+
+
+# --------------------------------------------------------------------- the adapter must fit the base model
+def _weights(**overrides) -> tuple[torch.nn.Module, LoraWeights]:
+    model = make_gpt2()
+    w = random_weights(model, 1, r=4, lora_alpha=8, target_modules=["c_attn"], **overrides)
+    return model, w
+
+
+def _refused(model, weights, error, key, **kwargs):
+    with pytest.raises(error) as err:
+        validate_adapter(model, weights, **kwargs)
+    assert err.value.key == key, err.value
+    assert key in str(err.value)
+
+
+def test_unknown_module():
+    model, w = _weights()
+    w.lora["transformer.h.7.attn.c_attn"] = w.lora.pop("transformer.h.0.attn.c_attn")
+    _refused(model, w, AdapterMismatchError, "base_model.model.transformer.h.7.attn.c_attn.lora_A.weight")
+
+
+def test_module_that_is_not_linear():
+    model, w = _weights()
+    w.lora["transformer.ln_f"] = (torch.randn(4, 32), torch.randn(32, 4))
+    _refused(model, w, AdapterMismatchError, "base_model.model.transformer.ln_f.lora_A.weight")
+
+
+def test_wrong_shapes():
+    model, w = _weights()
+    a, b = w.lora["transformer.h.0.attn.c_attn"]
+    w.lora["transformer.h.0.attn.c_attn"] = (a[:, :-1], b)
+    _refused(model, w, AdapterMismatchError, KEY)
+    w.lora["transformer.h.0.attn.c_attn"] = (a, b.T.contiguous())  # (r, out) instead of (out, r)
+    _refused(model, w, AdapterMismatchError, KEY.replace("lora_A", "lora_B"))
+    w.lora["transformer.h.0.attn.c_attn"] = (a.T.contiguous(), b)  # transposed A
+    _refused(model, w, AdapterMismatchError, KEY)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values(bad):
+    model, w = _weights()
+    w.lora["transformer.h.0.attn.c_attn"][1][3, 1] = bad
+    _refused(model, w, AdapterMismatchError, KEY.replace("lora_A", "lora_B"))
+
+
+def test_non_float_dtype():
+    model, w = _weights()
+    a, b = w.lora["transformer.h.0.attn.c_attn"]
+    w.lora["transformer.h.0.attn.c_attn"] = (a.to(torch.int64), b)
+    _refused(model, w, AdapterFormatError, KEY)
+
+
+def test_rank_above_maximum_is_refused_and_changes_nothing():
+    model, w = _weights()
+    _refused(model, w, AdapterTooLargeError, KEY, max_rank=2)
+    modules = [(n, id(m)) for n, m in model.named_modules()]
+    lm = LoraModel(model, max_rank=2)
+    with pytest.raises(AdapterTooLargeError, match="exceeds the maximum 2"):
+        lm.add_adapter("big", w)
+    assert lm.configs == {} and [(n, id(m)) for n, m in model.named_modules()] == modules
+    validate_adapter(model, w, max_rank=4)
+
+
+def test_rank_disagreeing_with_config():
+    model, w = _weights()
+    w.config.r = 8  # the tensors are rank 4, so the file's alpha / r would be wrong
+    _refused(model, w, AdapterMismatchError, KEY)
+
+
+def test_modules_to_save_must_fit():
+    model = make_bert_cls()
+    w = random_weights(model, 1, r=2, lora_alpha=4, target_modules=["query"], modules_to_save=["classifier"])
+    w.modules_to_save = {"classifier.weight": torch.randn(5, 32)}
+    _refused(model, w, AdapterMismatchError, "base_model.model.classifier.weight")
+    w.modules_to_save = {"classifier.weight": torch.full((3, 32), float("nan"))}
+    _refused(model, w, AdapterMismatchError, "base_model.model.classifier.weight")
+    w.modules_to_save = {"classifier.weight": torch.randn(3, 32)}
+    assert validate_adapter(model, w).modules_to_save.keys() == {"classifier.weight"}
+
+
+def test_head_on_a_bare_encoder_is_refused_unless_detached_is_allowed(tmp_path):
+    peft_adapter(make_bert_cls(), tmp_path, task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["query"])
+    weights = load_peft_dir(tmp_path)
+    bare = make_bert()
+    with pytest.raises(AdapterMismatchError, match="which the base model lacks") as err:
+        validate_adapter(bare, weights)
+    assert err.value.key in ("base_model.model.classifier.weight", "base_model.model.classifier.bias")
+    checked = validate_adapter(bare, weights, allow_detached=True)
+    assert set(checked.modules_to_save) == {"classifier.weight", "classifier.bias"}
+    assert all(p.startswith("encoder.") for p in checked.lora)  # "bert.encoder..." mapped onto the bare model
+
+
+def test_task_model_adapter_on_bare_encoder_keeps_per_module_rank_and_alpha(tmp_path):
+    """Patterns written against `bert.encoder…` paths must give the same scaling on `encoder…` paths."""
+    ids = tokens()
+    pm = peft_adapter(make_bert_cls(), tmp_path, task_type="SEQ_CLS", r=4, lora_alpha=8,
+                      target_modules=["query", "value"],
+                      rank_pattern={"bert.encoder.layer.0.attention.self.query": 2},
+                      alpha_pattern={"bert.encoder.layer.1.attention.self.value": 1.0})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = pm.base_model.model.bert(input_ids=ids).last_hidden_state
+    bare = make_bert()
+    bare.load_state_dict(make_bert_cls().bert.state_dict())
+    lm = LoraModel(bare)
+    lm.add_adapter("a", load_peft_dir(tmp_path), allow_detached=True)
+    lm.set_adapter("a")
+    torch.testing.assert_close(output(bare, ids), want, atol=1e-5, rtol=0)
+    assert set(lm.detached["a"]) == {"classifier.weight", "classifier.bias"}

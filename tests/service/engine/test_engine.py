@@ -1,0 +1,170 @@
+"""Correctness under batching: every request's output equals the same request run alone, whatever mix
+of adapters shares its batch, and whatever merges and switches happen meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.engine import CompletionRequest, Engine, UnknownAdapterError, WrongTaskError, load_base_model
+from tests.service.engine.conftest import DictStore, random_adapter, settings
+
+TEXTS = [["hello world"], ["adapters are small", "a second, longer text in the same request"], ["the fox"],
+         ["lazy dog jumps"], ["x"]]
+NAMES = ["a0", "a1", "base", "a2", "a3"]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make_engine(model_dir, n_adapters=4, **overrides):
+    base = load_base_model(str(model_dir), "cpu", "float32")
+    store = DictStore()
+    targets = ["c_attn", "c_proj"] if base.task == "generate" else ["query", "value", "dense"]
+    for i in range(n_adapters):
+        store.items[f"a{i}"] = random_adapter(base.model, targets, seed=i, rank=2 + 2 * (i % 3))
+    return Engine(base, settings(**overrides), store)
+
+
+async def _alone(engine, calls):
+    return [await engine.embed(name, texts) for name, texts in calls]
+
+
+async def _together(engine, calls):
+    return await asyncio.gather(*[engine.embed(name, texts) for name, texts in calls])
+
+
+def _close(a, b, atol=1e-5):
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(np.array(x.embeddings), np.array(y.embeddings), atol=atol)
+
+
+def test_mixed_batch_equals_each_request_alone(bert_dir):
+    engine = make_engine(bert_dir)
+    calls = list(zip(NAMES * 3, TEXTS * 3, strict=True))
+
+    async def main():
+        await engine.start()
+        alone = await _alone(engine, calls)
+        together = await _together(engine, calls)
+        await engine.stop()
+        return alone, together
+
+    alone, together = run(main())
+    _close(alone, together)
+    # and the adapters really do something: a0's output differs from the base's
+    assert not np.allclose(alone[0].embeddings, run(_base_only(bert_dir, calls[0][1]))[0].embeddings, atol=1e-3)
+
+
+async def _base_only(model_dir, texts):
+    engine = make_engine(model_dir, n_adapters=0)
+    await engine.start()
+    out = [await engine.embed("base", texts)]
+    await engine.stop()
+    return out
+
+
+def test_mode_switches_under_load_change_no_result(bert_dir):
+    engine = make_engine(bert_dir)
+    calls = list(zip(NAMES * 4, TEXTS * 4, strict=True))
+
+    async def main():
+        await engine.start()
+        reference = await _alone(engine, calls)
+        pristine = (await engine.state())["pristine_fingerprint"]
+        outs = []
+        for target in ["a0", "a1", "a1", None, "a3", "a0"]:
+            load = asyncio.gather(*[engine.embed(n, t) for n, t in calls])
+            switch = engine.merge(target) if target else engine.unmerge()
+            results, state = await asyncio.gather(load, switch)
+            outs.append(results)
+            assert state["merged_adapter"] == target
+        final = await engine.unmerge()
+        await engine.stop()
+        return reference, outs, pristine, final
+
+    reference, outs, pristine, final = run(main())
+    for results in outs:
+        _close(reference, results, atol=2e-5)
+    assert final["fingerprint"] == final["pristine_fingerprint"] == pristine
+
+
+def test_auto_policy_merges_a_hot_adapter_and_unmerges_when_traffic_mixes(bert_dir):
+    engine = make_engine(bert_dir, merge_policy="auto", merge_window=8, merge_min_dwell=2, max_wait_ms=0)
+
+    async def main():
+        await engine.start()
+        for _ in range(12):
+            await engine.embed("a1", ["hot"])
+        hot = await engine.state(fingerprints=False)
+        for i in range(16):
+            await engine.embed(NAMES[i % len(NAMES)], ["mixed"])
+        mixed = await engine.state(fingerprints=False)
+        await engine.stop()
+        return hot, mixed
+
+    hot, mixed = run(main())
+    assert hot["merged_adapter"] == "a1" and hot["mode"] == "merged"
+    assert mixed["merged_adapter"] is None
+    assert mixed["merge_policy"]["auto_switches"] == 2  # once in, once out: no thrashing
+
+
+def test_device_and_host_tiers_evict_by_their_bounds(bert_dir):
+    engine = make_engine(bert_dir, n_adapters=6, device_cache_adapters=2)
+    one = engine.store.items["a0"].nbytes()
+    engine.host_cache.max_bytes = int(2.5 * one)
+
+    async def main():
+        await engine.start()
+        for i in range(6):
+            await engine.embed(f"a{i}", ["x"])
+        state = await engine.state(fingerprints=False)
+        again = await engine.embed("a0", ["x"])  # evicted everywhere: reloaded from the store, same answer
+        first = await engine.embed("a0", ["x"])
+        await engine.stop()
+        return state, again, first
+
+    state, again, first = run(main())
+    assert len(state["resident_adapters"]) == 2 and state["resident_adapters"] == ["a4", "a5"]
+    # a4 (rank 4) fits the host tier; a5 (rank 6, 3x a0's bytes) is larger than the whole tier
+    assert state["host_cache_bytes"] <= 2.5 * one and state["host_cached_adapters"] == ["a4"]
+    _close([again], [first])
+
+
+def test_forget_drops_a_merged_adapter_and_restores_the_base(bert_dir):
+    engine = make_engine(bert_dir)
+
+    async def main():
+        await engine.start()
+        await engine.merge("a2")
+        engine.store.items.pop("a2")
+        engine.forget("a2")
+        state = await engine.state()
+        with pytest.raises(UnknownAdapterError):
+            await engine.embed("a2", ["x"])
+        await engine.stop()
+        return state
+
+    state = run(main())
+    assert state["merged_adapter"] is None and "a2" not in state["resident_adapters"]
+    assert state["fingerprint"] == state["pristine_fingerprint"]
+
+
+def test_errors_fail_only_their_own_request(bert_dir):
+    engine = make_engine(bert_dir)
+
+    async def main():
+        await engine.start()
+        results = await asyncio.gather(engine.embed("a0", ["ok"]), engine.embed("missing", ["x"]),
+                                       return_exceptions=True)
+        with pytest.raises(WrongTaskError):
+            await engine.complete(CompletionRequest(model="base", prompt="hi"))
+        await engine.stop()
+        return results
+
+    ok, missing = run(main())
+    assert isinstance(missing, UnknownAdapterError)
+    assert len(ok.embeddings[0]) == 32

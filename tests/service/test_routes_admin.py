@@ -1,0 +1,188 @@
+"""service/routes/admin.py (+ the merge route): state, fingerprints around merge and unmerge, compose."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from http_testkit import BERT_TARGETS, make_adapter, peft_files, single_file
+
+from adapters import LoraWeights
+
+# service/engine/fingerprint.py also hashes the lora_A/lora_B Linear children of each wrapped layer, so
+# the fingerprint changes when an adapter merely becomes resident. Remove this marker once it skips them.
+_RESIDENCY_CHANGES_FINGERPRINT = pytest.mark.xfail(
+    strict=True, reason="engine fingerprint hashes the LoRA factors of resident adapters (fingerprint.py)")
+
+
+def _embed(client: TestClient, model: str, text: str = "merge me") -> torch.Tensor:
+    r = client.post("/v1/embeddings", json={"model": model, "input": text})
+    assert r.status_code == 200, r.text
+    return torch.tensor(r.json()["data"][0]["embedding"])
+
+
+def _upload(client: TestClient, name: str, weights: LoraWeights) -> dict:
+    r = client.put(f"/v1/adapters/{name}", files=peft_files(weights))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_state_when_nothing_is_merged(bert_client: TestClient):
+    state = bert_client.get("/v1/state").json()
+    assert state["merged_adapter"] is None and state["mode"] == "unmerged"
+    assert state["fingerprint"] == state["pristine_fingerprint"] and len(state["fingerprint"]) == 64
+    assert isinstance(state["resident_adapters"], list) and state["merge_policy"]["policy"] == "auto"
+
+
+@_RESIDENCY_CHANGES_FINGERPRINT
+def test_fingerprint_does_not_depend_on_resident_adapters(bert_client: TestClient, unique: str):
+    before = bert_client.get("/v1/state").json()["fingerprint"]
+    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=12))
+    _embed(bert_client, unique)  # now resident: its layers are wrapped, the base weights untouched
+    assert unique in bert_client.get("/v1/state").json()["resident_adapters"]
+    assert bert_client.get("/v1/state").json()["fingerprint"] == before
+
+
+def test_fingerprints_around_merge_and_unmerge(bert_client: TestClient, unique: str):
+    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=11))
+    unmerged, base = _embed(bert_client, unique), _embed(bert_client, "base")
+    before = bert_client.get("/v1/state").json()
+    r = bert_client.post(f"/v1/adapters/{unique}/merge")
+    try:
+        assert r.status_code == 200, r.text
+        merged = r.json()
+        assert merged["merged_adapter"] == unique and merged["mode"] == "merged" and merged["pinned"]
+        assert merged["fingerprint"] != merged["pristine_fingerprint"]
+        assert merged["pristine_fingerprint"] == before["fingerprint"]
+        assert bert_client.get("/v1/state").json()["fingerprint"] == merged["fingerprint"]
+        # Merged or not, every request gets the same answer.
+        torch.testing.assert_close(_embed(bert_client, unique), unmerged, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(_embed(bert_client, "base"), base, atol=1e-5, rtol=1e-4)
+    finally:
+        r = bert_client.post("/v1/unmerge")
+    assert r.status_code == 200
+    after = r.json()
+    assert after["merged_adapter"] is None and not after["pinned"]
+    assert after["fingerprint"] == after["pristine_fingerprint"] == before["fingerprint"]  # bit-exact restore
+    assert torch.equal(_embed(bert_client, "base"), base)
+
+
+@_RESIDENCY_CHANGES_FINGERPRINT
+def test_switching_merged_adapters_restores_exactly(bert_client: TestClient, unique: str):
+    before = bert_client.get("/v1/state").json()["fingerprint"]
+    _upload(bert_client, f"{unique}-a", make_adapter(BERT_TARGETS, seed=1))
+    _upload(bert_client, f"{unique}-b", make_adapter(BERT_TARGETS, seed=2))
+    try:
+        a = bert_client.post(f"/v1/adapters/{unique}-a/merge").json()["fingerprint"]
+        b = bert_client.post(f"/v1/adapters/{unique}-b/merge").json()["fingerprint"]
+        assert len({before, a, b}) == 3
+        assert bert_client.post(f"/v1/adapters/{unique}-a/merge").json()["fingerprint"] == a
+    finally:
+        assert bert_client.post("/v1/unmerge").json()["fingerprint"] == before
+
+
+@_RESIDENCY_CHANGES_FINGERPRINT
+def test_refused_merge_leaves_the_base_untouched(bert_client: TestClient, unique: str):
+    """Finite factors whose product overflows float32: the merge is refused, nothing is written."""
+    huge = make_adapter(BERT_TARGETS, scale=1.0)
+    huge.lora = {p: (a * 1e20, b * 1e20) for p, (a, b) in huge.lora.items()}
+    _upload(bert_client, unique, huge)
+    before = bert_client.get("/v1/state").json()
+    r = bert_client.post(f"/v1/adapters/{unique}/merge")
+    assert r.status_code == 422 and r.json()["error"]["type"] == "merge_error", r.text
+    after = bert_client.get("/v1/state").json()
+    assert after["merged_adapter"] is None and after["fingerprint"] == before["fingerprint"]
+    assert bert_client.get("/readyz").status_code == 200
+
+
+def test_delete_of_the_merged_adapter_unmerges(bert_client: TestClient, unique: str):
+    before = bert_client.get("/v1/state").json()["fingerprint"]
+    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=3))
+    assert bert_client.post(f"/v1/adapters/{unique}/merge").status_code == 200
+    assert bert_client.delete(f"/v1/adapters/{unique}").status_code == 200
+    state = bert_client.get("/v1/state").json()
+    assert state["merged_adapter"] is None and state["fingerprint"] == before
+
+
+def test_inference_during_merges_never_sees_half_merged_weights(bert_client: TestClient, unique: str):
+    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=21))
+    reference = {m: _embed(bert_client, m) for m in (unique, "base")}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def traffic(model: str) -> None:
+        while not stop.is_set():
+            got = _embed(bert_client, model)
+            if not torch.allclose(got, reference[model], atol=1e-5, rtol=1e-4):
+                errors.append(model)
+
+    threads = [threading.Thread(target=traffic, args=(m,)) for m in (unique, "base", unique)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(4):
+            assert bert_client.post(f"/v1/adapters/{unique}/merge").status_code == 200
+            assert bert_client.post("/v1/unmerge").status_code == 200
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        bert_client.post("/v1/unmerge")
+    assert errors == []
+
+
+# ---------------------------------------------------------------------------------------------- compose
+def _delta(weights: LoraWeights, path: str) -> torch.Tensor:
+    a, b = weights.lora[path]
+    return weights.scaling_for(path) * (b.double() @ a.double())
+
+
+def test_compose_exact(bert_client: TestClient, unique: str):
+    x, y = make_adapter(BERT_TARGETS, rank=4, seed=1), make_adapter(BERT_TARGETS, rank=2, seed=2)
+    _upload(bert_client, f"{unique}-x", x)
+    _upload(bert_client, f"{unique}-y", y)
+    items = [{"name": f"{unique}-x", "weight": 1.0}, {"name": f"{unique}-y", "weight": -0.5}]
+    body = {"name": unique, "adapters": items}
+    r = bert_client.post("/v1/compose", json=body)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["relative_error"] is None and info["rank"] == 6 and set(info["ranks"].values()) == {6}
+    assert info["meta"]["composed_from"] == body["adapters"]
+    stored = bert_client.app.state.store.load_weights(unique)
+    for path in BERT_TARGETS:
+        torch.testing.assert_close(_delta(stored, path), _delta(x, path) - 0.5 * _delta(y, path), atol=1e-5, rtol=1e-5)
+    assert bert_client.post("/v1/embeddings", json={"model": unique, "input": "hi"}).status_code == 200
+
+
+def test_compose_truncated_reports_its_error(bert_client: TestClient, unique: str):
+    _upload(bert_client, f"{unique}-x", make_adapter(BERT_TARGETS, rank=4, seed=1))
+    _upload(bert_client, f"{unique}-y", make_adapter(BERT_TARGETS, rank=4, seed=2))
+    body = {"name": unique, "adapters": [{"name": f"{unique}-x", "weight": 1}, {"name": f"{unique}-y", "weight": 1}],
+            "rank": 2}
+    info = bert_client.post("/v1/compose", json=body).json()
+    assert info["rank"] == 2 and 0 < info["relative_error"] < 1
+    assert bert_client.post("/v1/compose", json=body).status_code == 409
+    again = bert_client.post("/v1/compose", json={**body, "rank": 8, "overwrite": True})
+    assert again.status_code == 201 and again.json()["version"] == 2 and again.json()["relative_error"] < 1e-6
+
+
+@pytest.mark.parametrize("case", ["unknown", "too_large", "bad_name", "empty", "bad_rank", "extra_field"])
+def test_compose_errors_change_nothing(bert_client: TestClient, unique: str, case: str):
+    for i in range(5):
+        bert_client.put(f"/v1/adapters/{unique}-{i}", files=single_file(make_adapter(BERT_TARGETS, rank=4, seed=i)))
+    items = [{"name": f"{unique}-{i}", "weight": 1.0} for i in range(5)]
+    body, status = {
+        "unknown": ({"name": unique, "adapters": [{"name": "never-uploaded", "weight": 1}]}, 404),
+        "too_large": ({"name": unique, "adapters": items}, 422),  # 5 × rank 4 = 20 > max_rank 16
+        "bad_name": ({"name": "-bad", "adapters": items[:1]}, 422),
+        "empty": ({"name": unique, "adapters": []}, 422),
+        "bad_rank": ({"name": unique, "adapters": items[:1], "rank": 0}, 422),
+        "extra_field": ({"name": unique, "adapters": items[:1], "mode": "svd"}, 422),
+    }[case]
+    count = bert_client.app.state.store.count()
+    r = bert_client.post("/v1/compose", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    assert bert_client.app.state.store.count() == count
