@@ -54,6 +54,11 @@ class Router:
     version: int = 0  # bumped when the set of resident adapters or the merged adapter changes
 
 
+def _version_of(t: torch.Tensor) -> int:
+    """In-place edit counter; tensors made under torch.inference_mode have none (and cannot be trained)."""
+    return -1 if t.is_inference() else t._version
+
+
 class LoraLinear(nn.Module):
     """Wraps an `nn.Linear` or GPT-2 `Conv1D` without copying its weight."""
 
@@ -166,7 +171,7 @@ class LoraLinear(nn.Module):
         names = self.adapter_names()
         # The tables are copies, so an optimizer step on A/B (which bumps the tensors' `_version`) must
         # rebuild them too, not only a change of the resident set.
-        version = (self._router.version, tuple((self.lora_A[n].weight._version, self.lora_B[n].weight._version)
+        version = (self._router.version, tuple((_version_of(self.lora_A[n].weight), _version_of(self.lora_B[n].weight))
                                                for n in names))
         if self._stack_cache is not None and self._stack_cache[0] == version:
             return self._stack_cache[1:]

@@ -45,7 +45,8 @@ def free_port() -> int:
 
 def make_adapter(model: torch.nn.Module, seed: int) -> tuple[bytes, bytes]:
     gen = torch.Generator().manual_seed(seed)
-    lora = {n: (torch.randn(8, m.in_features, generator=gen) * 0.05, torch.randn(m.out_features, 8, generator=gen) * 0.05)
+    lora = {n: (torch.randn(8, m.in_features, generator=gen) * 0.05,
+                torch.randn(m.out_features, 8, generator=gen) * 0.05)
             for n, m in model.named_modules() if n.endswith(("query", "value"))}
     return A.to_peft_bytes(A.LoraWeights(A.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]), lora))
 

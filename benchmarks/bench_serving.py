@@ -114,8 +114,8 @@ def bench_cold_load(base_dir: str | None, device: str, runs: int) -> dict:
     loaded = load_base_model(base_dir, device, "float32")
     work = Path(tempfile.mkdtemp())
     torch.manual_seed(1)
-    pm = get_peft_model(copy.deepcopy(loaded.model), LoraConfig(r=RANK, lora_alpha=16, target_modules=["query", "value"],
-                                                                init_lora_weights=False))
+    peft_config = LoraConfig(r=RANK, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
+    pm = get_peft_model(copy.deepcopy(loaded.model), peft_config)
     pm.save_pretrained(work / "peft")
     store = AdapterStore(work / "store")
     store.put("cold", A.load_peft_dir(work / "peft"))
@@ -156,7 +156,8 @@ def main() -> None:
     print("| targets | base ms | ours mixed (8 adapters) | PEFT mixed | ours 1 unmerged | ours 1 merged |")
     print("|---|---|---|---|---|---|")
     for r in results["forward"]:
-        print(f"| {','.join(r['targets'])} | {r['base']:.1f} | {r['ours_mixed']:.1f} ms ({r['ratio_ours_mixed']:.2f}x) | "
+        print(f"| {','.join(r['targets'])} | {r['base']:.1f} | "
+              f"{r['ours_mixed']:.1f} ms ({r['ratio_ours_mixed']:.2f}x) | "
               f"{r['peft_mixed']:.1f} ms ({r['ratio_peft_mixed']:.2f}x) | {r['ratio_one_unmerged']:.2f}x | "
               f"{r['ratio_one_merged']:.2f}x |")
     c = results["cold_load"]

@@ -84,7 +84,7 @@ def main() -> None:
             result["list_page_100"] = timed(client, [f"{base}/v1/adapters?limit=100&after={n}" for n in names])
             result["lookup_one"] = timed(client, [f"{base}/v1/adapters/{n}" for n in names])
             result["rss_before_bytes"] = rss_bytes(proc.pid)
-            for k in range(args.touch):
+            for _k in range(args.touch):
                 client.post(f"{base}/v1/embeddings", json={"model": f"task-{rng.randrange(args.adapters):05d}",
                                                            "input": ["a short text"]}).raise_for_status()
             state = client.get(f"{base}/v1/state").json()

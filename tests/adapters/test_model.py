@@ -7,8 +7,9 @@ import warnings
 import pytest
 import torch
 from lora_fixtures import make_bert_cls, make_gpt2, output, peft_adapter, random_weights, tokens
+from torch import nn
 
-from adapters import LoraConfig, LoraModel, MergeError, UnknownAdapterError
+from adapters import LoraConfig, LoraModel, LoraWeights, MergeError, UnknownAdapterError
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -368,3 +369,20 @@ def test_trainable_head_copies_leave_the_base_head_untouched(ids):
     torch.testing.assert_close(saved["classifier.weight"], head_weight + 1.0)
     lm.eject()
     assert model.classifier is head and torch.equal(head.weight, head_weight)
+
+
+def test_adapters_added_under_inference_mode_serve_mixed_batches():
+    """A server loads adapters inside torch.inference_mode; their tensors have no version counter."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    lm = LoraModel(base)
+    a, b = torch.randn(2, 4), torch.randn(4, 2)
+    x = torch.randn(2, 4)
+    with torch.inference_mode():
+        want_base = base(x)
+        lm.add_adapter("x", LoraWeights(LoraConfig(r=2, lora_alpha=4, target_modules=["0"]), {"0": (a, b)}))
+        with lm.route(["x", None]):
+            out = base(x)
+    want_x = base[1](base[0](x[:1]) + 2.0 * x[:1] @ a.T @ b.T)
+    torch.testing.assert_close(out[1:], want_base[1:])
+    torch.testing.assert_close(out[:1], want_x)

@@ -11,11 +11,6 @@ from http_testkit import BERT_TARGETS, make_adapter, peft_files, single_file
 
 from adapters import LoraWeights
 
-# service/engine/fingerprint.py also hashes the lora_A/lora_B Linear children of each wrapped layer, so
-# the fingerprint changes when an adapter merely becomes resident. Remove this marker once it skips them.
-_RESIDENCY_CHANGES_FINGERPRINT = pytest.mark.xfail(
-    strict=True, reason="engine fingerprint hashes the LoRA factors of resident adapters (fingerprint.py)")
-
 
 def _embed(client: TestClient, model: str, text: str = "merge me") -> torch.Tensor:
     r = client.post("/v1/embeddings", json={"model": model, "input": text})
@@ -36,7 +31,6 @@ def test_state_when_nothing_is_merged(bert_client: TestClient):
     assert isinstance(state["resident_adapters"], list) and state["merge_policy"]["policy"] == "auto"
 
 
-@_RESIDENCY_CHANGES_FINGERPRINT
 def test_fingerprint_does_not_depend_on_resident_adapters(bert_client: TestClient, unique: str):
     before = bert_client.get("/v1/state").json()["fingerprint"]
     _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=12))
@@ -69,7 +63,6 @@ def test_fingerprints_around_merge_and_unmerge(bert_client: TestClient, unique: 
     assert torch.equal(_embed(bert_client, "base"), base)
 
 
-@_RESIDENCY_CHANGES_FINGERPRINT
 def test_switching_merged_adapters_restores_exactly(bert_client: TestClient, unique: str):
     before = bert_client.get("/v1/state").json()["fingerprint"]
     _upload(bert_client, f"{unique}-a", make_adapter(BERT_TARGETS, seed=1))
@@ -83,7 +76,6 @@ def test_switching_merged_adapters_restores_exactly(bert_client: TestClient, uni
         assert bert_client.post("/v1/unmerge").json()["fingerprint"] == before
 
 
-@_RESIDENCY_CHANGES_FINGERPRINT
 def test_refused_merge_leaves_the_base_untouched(bert_client: TestClient, unique: str):
     """Finite factors whose product overflows float32: the merge is refused, nothing is written."""
     huge = make_adapter(BERT_TARGETS, scale=1.0)
