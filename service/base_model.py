@@ -79,7 +79,9 @@ def load_base_model(path: str | None, device: str = "auto", dtype: str = "float3
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in a server's log
     path = path or default_base_model()
     if not Path(path, "config.json").is_file():
         raise BaseModelError(f"base model {path!r} is not a transformers checkpoint directory (no config.json)")

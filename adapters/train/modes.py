@@ -177,14 +177,9 @@ def _setup_lora(model: nn.Module, task: str, rank: int, alpha: float, targets: l
     wrapped = lm.add_trainable_adapter(ADAPTER_NAME, config)
     params = lm.trainable_parameters(ADAPTER_NAME)
     added = sum(p.numel() for p in params)
-    for path in heads:
-        # The head trains as a copy held by the modules_to_save wrapper, so the base's own head object
-        # stays as loaded, and get_weights() returns it under PEFT's key (base_model.model.classifier.*).
-        # NOTE: LoraModel has no public hook for trainable modules_to_save yet; _wrap_saved is the one.
-        module = model.get_submodule(path)
-        copies = {n: nn.Parameter(p.detach().clone()) for n, p in module.named_parameters()}
-        lm._wrap_saved(path).add_adapter(ADAPTER_NAME, copies)
-        params += list(copies.values())
+    # The head trains as a copy held by the modules_to_save wrapper, so the base's own head object stays as
+    # loaded, and get_weights() returns it under PEFT's key (base_model.model.classifier.*).
+    params += lm.add_trainable_modules(ADAPTER_NAME, heads)
     lm.set_adapter(ADAPTER_NAME)  # also points the new head wrappers at the adapter
     for p in params:
         p.requires_grad_(True)

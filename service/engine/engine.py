@@ -27,7 +27,7 @@ from service.base_model import LoadedBase
 from service.engine.cache import HostCache
 from service.engine.errors import BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.fingerprint import fingerprint
-from service.engine.generation import generate_batch
+from service.engine.generation import check_generation, generate_batch
 from service.engine.policy import MergePolicy
 from service.engine.requests import (
     ClassifyResult,
@@ -37,7 +37,7 @@ from service.engine.requests import (
     EmbedResult,
     WorkItem,
 )
-from service.engine.runner import classify_rows, embed_rows
+from service.engine.runner import check_classify, classify_rows, embed_rows
 
 __all__ = ["Engine"]
 
@@ -298,7 +298,7 @@ class Engine:
     def _run_group(self, items: list[WorkItem]) -> None:
         started = time.perf_counter()
         with self.lock:
-            items = self._residents_for(items)
+            items = self._admissible(self._residents_for(items))
             if not items:
                 return
             try:
@@ -307,10 +307,8 @@ class Engine:
                     generate_batch(self.lm, self.base, items)
                 else:
                     self._run_texts(items)
-            except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
-                for item in items:
-                    item.push(None)
-                    item.fail(exc)
+            except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handlers
+                self._fail_or_isolate(items, exc)
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(items))
             self.metrics.forward_seconds.observe(time.perf_counter() - started)
@@ -329,6 +327,37 @@ class Engine:
                 item.push(None)
                 item.fail(failed[item.adapter])
         return [i for i in items if i.adapter not in failed]
+
+    def _admissible(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Per-request checks that depend on the model (context length, classifier head): a request that
+        fails them fails alone, before it can take its batch down with it."""
+        admitted = []
+        for item in items:
+            try:
+                if item.kind == "generate":
+                    check_generation(self.base, item)
+                elif item.kind == "classify":
+                    check_classify(self.lm, self.base, item.adapter)
+            except Exception as exc:  # noqa: BLE001
+                item.push(None)
+                item.fail(exc)
+                continue
+            admitted.append(item)
+        return admitted
+
+    def _fail_or_isolate(self, items: list[WorkItem], exc: Exception) -> None:
+        """An unexpected failure of a text batch reruns its requests one by one, so only the request that
+        causes it gets the error. Generation streams as it goes, so its batch cannot be rerun; all fail."""
+        if len(items) == 1 or items[0].kind == "generate":
+            for item in items:
+                item.push(None)
+                item.fail(exc)
+            return
+        for item in items:
+            try:
+                self._run_texts([item])
+            except Exception as own:  # noqa: BLE001
+                item.fail(own)
 
     def _apply_policy(self, items: list[WorkItem]) -> None:
         adapters = [i.adapter for i in items]

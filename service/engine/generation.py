@@ -16,7 +16,7 @@ from service.engine.errors import BadRequestError
 from service.engine.requests import CompletionChoice, CompletionChunk, CompletionResult, WorkItem
 from service.engine.runner import routing
 
-__all__ = ["generate_batch"]
+__all__ = ["check_generation", "generate_batch"]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
@@ -43,6 +43,17 @@ class _Row:
         self.finish: str | None = None if req.max_tokens > 0 else "length"
 
 
+def check_generation(base: LoadedBase, item: WorkItem) -> None:
+    """Refuse, before batching, a request that cannot fit the model's context, so it fails alone."""
+    req = item.payload
+    prompt_len = len(base.tokenizer(req.prompt)["input_ids"])
+    if prompt_len == 0:
+        raise BadRequestError("the prompt is empty after tokenization")
+    if prompt_len + req.max_tokens > base.max_length:
+        raise BadRequestError(f"prompt ({prompt_len} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
+                              f"context of {base.max_length} tokens")
+
+
 @torch.inference_mode()
 def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
     tok = base.tokenizer
@@ -50,9 +61,6 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
     enc = tok(prompts, padding=True, return_tensors="pt", padding_side="left")
     ids, mask = enc["input_ids"].to(base.device), enc["attention_mask"].to(base.device)  # (B, T)
     rows = [_Row(it, int(m.sum())) for it, m in zip(items, enc["attention_mask"], strict=True)]
-    longest = max(r.prompt_len + r.req.max_tokens for r in rows)
-    if longest > base.max_length:
-        raise BadRequestError(f"prompt + max_tokens = {longest} tokens exceeds the model's {base.max_length}")
     names = [it.adapter for it in items]
     eos = tok.eos_token_id
     with routing(lm, names):

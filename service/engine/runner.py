@@ -16,7 +16,7 @@ from adapters import LoraModel
 from service.base_model import LoadedBase
 from service.engine.errors import BadRequestError
 
-__all__ = ["routing", "tokenize", "embed_rows", "classify_rows"]
+__all__ = ["routing", "tokenize", "embed_rows", "classify_rows", "check_classify"]
 
 
 def routing(lm: LoraModel, names: list[str | None]):
@@ -51,6 +51,14 @@ def embed_rows(lm: LoraModel, base: LoadedBase, texts: list[str], names: list[st
     return emb.cpu().tolist(), enc["attention_mask"].sum(1).tolist()
 
 
+def check_classify(lm: LoraModel, base: LoadedBase, adapter: str | None) -> None:
+    """On a bare encoder only adapters that carry a classifier head can classify; refuse the others
+    before batching, so such a request fails alone."""
+    if base.task != "classify" and "classifier.weight" not in lm.detached.get(adapter or "", {}):
+        raise BadRequestError(f"adapter {adapter or 'base'!r} carries no classifier head (modules_to_save) and "
+                              "the base model is not a classifier")
+
+
 @torch.inference_mode()
 def classify_rows(lm: LoraModel, base: LoadedBase, texts: list[str], names: list[str | None]
                   ) -> tuple[list[list[dict]], list[int]]:
@@ -72,8 +80,7 @@ def classify_rows(lm: LoraModel, base: LoadedBase, texts: list[str], names: list
         head = lm.detached.get(name or "", {})
         w, b = head.get("classifier.weight"), head.get("classifier.bias")
         if w is None:
-            raise BadRequestError(f"adapter {name or 'base'!r} carries no classifier head (modules_to_save) and the "
-                                  "base model is not a classifier")
+            check_classify(lm, base, name)  # raises: the engine checks before batching, this is a backstop
         logits = pooled[i].to(w.dtype) @ w.T + (b if b is not None else 0)  # (H,) @ (H, labels) -> (labels,)
         results.append(_ranked(logits.float().softmax(-1), None))
     return results, tokens

@@ -8,7 +8,14 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.engine import CompletionRequest, Engine, UnknownAdapterError, WrongTaskError, load_base_model
+from service.engine import (
+    BadRequestError,
+    CompletionRequest,
+    Engine,
+    UnknownAdapterError,
+    WrongTaskError,
+    load_base_model,
+)
 from tests.service.engine.conftest import DictStore, random_adapter, settings
 
 TEXTS = [["hello world"], ["adapters are small", "a second, longer text in the same request"], ["the fox"],
@@ -168,3 +175,28 @@ def test_errors_fail_only_their_own_request(bert_dir):
     ok, missing = run(main())
     assert isinstance(missing, UnknownAdapterError)
     assert len(ok.embeddings[0]) == 32
+
+
+def test_a_headless_classify_request_fails_alone_in_its_batch(bert_dir):
+    """On a bare encoder only adapters with a classifier head classify; the others are refused one by one."""
+    import torch
+
+    engine = make_engine(bert_dir)
+    headed = random_adapter(engine.base.model, ["query", "value"], seed=9)
+    gen = torch.Generator().manual_seed(3)
+    headed.modules_to_save = {"classifier.weight": torch.randn(3, 32, generator=gen),
+                              "classifier.bias": torch.zeros(3)}
+    headed.config.modules_to_save = ["classifier"]
+    engine.store.items["headed"] = headed
+
+    async def main():
+        await engine.start()
+        results = await asyncio.gather(engine.classify("headed", ["ok"]), engine.classify("a0", ["no head"]),
+                                       engine.classify("headed", ["also ok"]), return_exceptions=True)
+        await engine.stop()
+        return results
+
+    first, headless, second = run(main())
+    assert isinstance(headless, BadRequestError) and "classifier head" in str(headless)
+    for result in (first, second):
+        assert len(result.results[0]) == 3 and abs(sum(r["score"] for r in result.results[0]) - 1) < 1e-5

@@ -72,3 +72,22 @@ def test_stop_strings_and_length_limit(gpt2_dir):
     assert free.choice.finish_reason == "length" and free.completion_tokens == 12
     assert stop not in cut.choice.text and free.choice.text.startswith(cut.choice.text)
     assert cut.choice.finish_reason == "stop"
+
+
+def test_an_over_long_prompt_fails_alone_in_its_batch(gpt2_dir):
+    engine = make_engine(gpt2_dir)
+    good = [CompletionRequest(model=m, prompt="hello", max_tokens=4, temperature=0) for m in ("a0", "base")]
+
+    async def main():
+        await engine.start()
+        alone = [await engine.complete(r) for r in good]
+        together = await asyncio.gather(*[engine.complete(r) for r in good],
+                                        engine.complete(CompletionRequest(model="a1", prompt="hello " * 40,
+                                                                          max_tokens=100)),
+                                        return_exceptions=True)
+        await engine.stop()
+        return alone, together
+
+    alone, (ok0, ok1, bad) = asyncio.run(main())
+    assert isinstance(bad, BadRequestError) and "context" in str(bad)
+    assert [ok0.choice.text, ok1.choice.text] == [a.choice.text for a in alone]
