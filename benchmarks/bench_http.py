@@ -80,15 +80,20 @@ def summarize(latencies: list[float], wall: float) -> dict:
 
 
 async def drive_http(port: int, work: list[tuple[str, str]]) -> dict:
+    """64 concurrent clients over keep-alive connections. aiohttp, not httpx: on 2 cores the load generator
+    shares the machine with the server, and httpx's per-request CPU cost would be charged to the server."""
+    import aiohttp
+
     url = f"http://127.0.0.1:{port}/v1/embeddings"
     sem = asyncio.Semaphore(CONCURRENCY)
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as client:
         async def one(model: str, text: str) -> float:
             async with sem:
                 t = time.perf_counter()
-                r = await client.post(url, json={"model": model, "input": [text]})
-                r.raise_for_status()
+                async with client.post(url, json={"model": model, "input": [text]}) as r:
+                    r.raise_for_status()
+                    await r.read()
                 return time.perf_counter() - t
 
         await asyncio.gather(*[one(m, t) for m, t in work[:CONCURRENCY]])  # warm-up: connections, caches
