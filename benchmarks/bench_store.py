@@ -67,7 +67,8 @@ def timed(client: httpx.Client, urls: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters", type=int, default=10_000)
-    ap.add_argument("--touch", type=int, default=300)
+    ap.add_argument("--touch", type=int, default=300, help="requests per round, each for a random adapter")
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     store = Path(tempfile.mkdtemp()) / "store"
@@ -83,10 +84,15 @@ def main() -> None:
             names = [f"task-{rng.randrange(args.adapters):05d}" for _ in range(200)]
             result["list_page_100"] = timed(client, [f"{base}/v1/adapters?limit=100&after={n}" for n in names])
             result["lookup_one"] = timed(client, [f"{base}/v1/adapters/{n}" for n in names])
+            for _ in range(20):  # warm the forward path (allocator, tokenizer) on the base first
+                client.post(f"{base}/v1/embeddings", json={"model": "base", "input": ["a short text"]})
             result["rss_before_bytes"] = rss_bytes(proc.pid)
-            for _k in range(args.touch):
-                client.post(f"{base}/v1/embeddings", json={"model": f"task-{rng.randrange(args.adapters):05d}",
-                                                           "input": ["a short text"]}).raise_for_status()
+            result["rss_per_round_bytes"] = []
+            for _round in range(args.rounds):  # RSS must level off, however many distinct adapters are touched
+                for _k in range(args.touch):
+                    client.post(f"{base}/v1/embeddings", json={"model": f"task-{rng.randrange(args.adapters):05d}",
+                                                               "input": ["a short text"]}).raise_for_status()
+                result["rss_per_round_bytes"].append(rss_bytes(proc.pid))
             state = client.get(f"{base}/v1/state").json()
             result["rss_after_bytes"] = rss_bytes(proc.pid)
             result["host_cache_bytes"], result["host_cache_bound"] = state["host_cache_bytes"], HOST_CACHE
@@ -97,9 +103,10 @@ def main() -> None:
     print(f"machine: {result['machine']}; filled {args.adapters} adapters in {fill_s:.0f} s")
     for key in ("list_page_100", "lookup_one"):
         print(f"{key}: p50 {result[key]['p50_ms']:.2f} ms, p99 {result[key]['p99_ms']:.2f} ms")
-    print(f"after {args.touch} requests over random adapters: host cache {result['host_cache_bytes']:,} B "
-          f"(bound {HOST_CACHE:,}), resident {result['resident']} (bound {DEVICE_CACHE}), RSS "
-          f"{result['rss_before_bytes'] / 2**20:.0f} -> {result['rss_after_bytes'] / 2**20:.0f} MiB")
+    rounds = " -> ".join(f"{b / 2**20:.0f}" for b in [result["rss_before_bytes"], *result["rss_per_round_bytes"]])
+    print(f"after {args.rounds} x {args.touch} requests over random adapters: host cache "
+          f"{result['host_cache_bytes']:,} B (bound {HOST_CACHE:,}), resident {result['resident']} (bound "
+          f"{DEVICE_CACHE}); RSS after warm-up, then after each round: {rounds} MiB")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 
