@@ -229,9 +229,12 @@ class Engine:
     async def stream(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
         chunks: asyncio.Queue = asyncio.Queue()
         future = await self._submit("generate", request.model, request, chunks)
-        while (chunk := await chunks.get()) is not None:
-            yield chunk
-        await future  # re-raises a failure of the batch
+        try:
+            while (chunk := await chunks.get()) is not None:
+                yield chunk
+            await future  # re-raises a failure of the batch
+        finally:
+            future.cancel()  # no-op when done; otherwise the consumer left, and decoding of its row stops
 
     # ------------------------------------------------------------------ the loop thread
     def _call_soon(self, fn: Callable[[], Any]) -> None:
@@ -333,6 +336,8 @@ class Engine:
         fails them fails alone, before it can take its batch down with it."""
         admitted = []
         for item in items:
+            if item.abandoned:
+                continue
             try:
                 if item.kind == "generate":
                     check_generation(self.base, item)

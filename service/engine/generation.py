@@ -71,6 +71,8 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
         for _ in range(max(r.req.max_tokens for r in rows)):
             next_ids = []
             for i, row in enumerate(rows):
+                if row.finish is None and row.item.abandoned:
+                    row.finish = "abandoned"  # its client disconnected: stop spending steps on it
                 if row.finish is not None:
                     next_ids.append(eos if eos is not None else 0)
                     continue

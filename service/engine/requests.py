@@ -72,6 +72,11 @@ class WorkItem:
     stream_queue: asyncio.Queue | None = None  # generation with stream=True
     enqueued_at: float = field(default_factory=time.perf_counter)
 
+    @property
+    def abandoned(self) -> bool:
+        """The caller went away (a streaming client disconnected): its remaining work can be skipped."""
+        return self.future.cancelled()
+
     def resolve(self, value: Any) -> None:
         self.loop.call_soon_threadsafe(_set_result, self.future, value)
 

@@ -91,3 +91,28 @@ def test_an_over_long_prompt_fails_alone_in_its_batch(gpt2_dir):
     alone, (ok0, ok1, bad) = asyncio.run(main())
     assert isinstance(bad, BadRequestError) and "context" in str(bad)
     assert [ok0.choice.text, ok1.choice.text] == [a.choice.text for a in alone]
+
+
+def test_a_stream_whose_client_leaves_stops_decoding(gpt2_dir):
+    engine = make_engine(gpt2_dir)
+    model = engine.base.model
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    request = dict(model="a0", prompt="hello", max_tokens=100, temperature=0)
+
+    async def main():
+        await engine.start()
+        full = await engine.complete(CompletionRequest(**request))
+        steps_full = len(calls)
+        chunks = engine.stream(CompletionRequest(**request))
+        await anext(chunks)
+        await chunks.aclose()  # what Starlette does when the client disconnects
+        await engine.complete(CompletionRequest(model="base", prompt="hi", max_tokens=1))  # after that batch
+        await engine.stop()
+        return full, steps_full
+
+    full, steps_full = asyncio.run(main())
+    assert full.completion_tokens == 100 and steps_full == 100  # the request alone runs every step
+    steps_abandoned = len(calls) - steps_full - 2  # minus the last request's prefill and its one step
+    assert steps_abandoned < 50
