@@ -68,8 +68,16 @@ def compose(items: Sequence[tuple[LoraWeights, float]], *, rank: int | None = No
                 a_parts.append(a.float())  # (rᵢ, in)
                 b_parts.append(b.float() * (w * weights.scaling_for(path)))  # (out, rᵢ)
         a_cat, b_cat = torch.cat(a_parts, 0), torch.cat(b_parts, 1)  # (Σr, in), (out, Σr)
+        if not (torch.isfinite(a_cat).all() and torch.isfinite(b_cat).all()):
+            raise AdapterError(f"the weighted combination overflows float32 at {path}; use smaller weights",
+                               key=path)
         if rank is not None and rank < a_cat.shape[0]:
-            a_cat, b_cat, d, t = _truncate(a_cat, b_cat, rank)
+            try:
+                a_cat, b_cat, d, t = _truncate(a_cat, b_cat, rank)
+            except torch.linalg.LinAlgError as exc:  # e.g. the core's entries overflow float32
+                raise AdapterError(f"SVD truncation failed at {path}: {exc}", key=path) from exc
+            if not (torch.isfinite(a_cat).all() and torch.isfinite(b_cat).all() and math.isfinite(t)):
+                raise AdapterError(f"SVD truncation overflows float32 at {path}; use smaller weights", key=path)
             discarded, total = discarded + d, total + t
         elif rank is not None:
             total += float(torch.linalg.matrix_norm(b_cat @ a_cat) ** 2)

@@ -34,6 +34,9 @@ _UNSUPPORTED_IF_SET: dict[str, tuple[Any, ...]] = {
     "use_qalora": (False, None),
     "layer_replication": (None, [], ()),
     "megatron_config": (None,),
+    "use_bdlora": (False, None),
+    "bdlora_config": (None, {}),
+    "arrow_config": (None, {}),
     "runtime_config": None,  # bookkeeping only, accepted whatever it holds
 }
 
@@ -41,9 +44,15 @@ _UNSUPPORTED_IF_SET: dict[str, tuple[Any, ...]] = {
 _IGNORED = {
     "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "init_lora_weights", "loftq_config",
     "eva_config", "corda_config", "megatron_core", "exclude_modules", "use_qalora", "qalora_group_size",
-    "arrow_config", "ensure_weight_tying", "peft_version", "lora_ga_config", "runtime_config", "layers_pattern",
-    "use_bdlora", "bdlora_config",
+    "ensure_weight_tying", "peft_version", "lora_ga_config", "runtime_config", "layers_pattern",
 }
+
+# init_lora_weights values that only choose how A and B start: a saved adapter is then a plain LoRA.
+# The others (pissa*, olora, corda, loftq, lora_ga) also rewrite the base weights W0 during init, so the
+# saved A/B are only correct on that modified base; served on the original they would be silently wrong.
+# (PEFT's `path_initial_model_for_weight_conversion` turns such an adapter into a plain one, saved with
+# init_lora_weights=True, which is accepted.)
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
 @dataclass
@@ -70,6 +79,11 @@ class LoraConfig:
             if not isinstance(getattr(self, name), bool):
                 raise AdapterFormatError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         self.target_modules = _targets("target_modules", self.target_modules)
+        for name in ("task_type", "base_model_name_or_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise AdapterFormatError(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        if self.exclude_modules in ([], (), ""):  # PEFT writes an empty list for "exclude nothing"
+            self.exclude_modules = None
         if self.exclude_modules is not None:
             self.exclude_modules = _targets("exclude_modules", self.exclude_modules)
         if not isinstance(self.rank_pattern, dict) or not isinstance(self.alpha_pattern, dict):
@@ -106,6 +120,12 @@ class LoraConfig:
         for key, neutral in _UNSUPPORTED_IF_SET.items():
             if neutral is not None and key in data and data[key] not in neutral:
                 raise UnsupportedAdapterError(f"{key}={data[key]!r} is not supported", field=key)
+        init = data.get("init_lora_weights", True)
+        if not any(init is v or (isinstance(v, str) and init == v) for v in _PLAIN_INITS):
+            raise UnsupportedAdapterError(
+                f"init_lora_weights={init!r} is not supported: that initialisation also changes the base weights, "
+                "so the adapter is only valid on its modified base; convert it to a plain LoRA with PEFT "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...))", field="init_lora_weights")
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in data.items() if k in known}
         unknown = set(data) - known - set(_UNSUPPORTED_IF_SET) - _IGNORED - {"peft_type"}
@@ -125,6 +145,8 @@ class LoraConfig:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:
             raise AdapterFormatError(f"adapter_config.json is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise AdapterFormatError("adapter_config.json is nested too deeply") from None
         return cls.from_peft_dict(data)
 
     def to_peft_dict(self) -> dict[str, Any]:
@@ -165,8 +187,12 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _finite_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterFormatError(f"{name} must be a finite number, got {value!r}")
+    try:  # float() of a huge JSON integer raises OverflowError rather than giving inf
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise AdapterFormatError(f"{name} must be a finite number, got {str(value)[:40]!r}")
     return value
 
 

@@ -67,7 +67,7 @@ def resolve_targets(
         elif matches_target(name, targets):
             if wrappable:
                 found.append(name)
-            elif not any(True for _ in module.children()):
+            else:  # a leaf such as an Embedding, or a container such as BertAttention: PEFT refuses both
                 unsupported.append(f"{name} ({type(module).__name__})")
     if unsupported:
         raise TargetNotFoundError(

@@ -244,7 +244,7 @@ class LoraLinear(nn.Module):
     def _norm_product(self, name: str) -> float:
         """max_i‖B_i‖ · max_j‖A_:j‖, cached until A or B change (their `_version` moves on any in-place write)."""
         a, b = self._ab[name]
-        versions = (a._version, b._version)
+        versions = (_version_of(a), _version_of(b))
         cached = self._norm_cache.get(name)
         if cached is None or cached[0] != versions:
             product = float(b.detach().float().norm(dim=1).max()) * float(a.detach().float().norm(dim=0).max())

@@ -56,6 +56,7 @@ class LoraModel:
         # (hundreds of modules). Rebuilt whenever this class wraps or unwraps a module.
         self._layers: dict[str, LoraLinear] | None = None
         self._wrappers: dict[str, SavedModuleWrapper] | None = None
+        self._tied: set[str] | None = None  # wrapped layers whose weight another parameter shares
 
     # ------------------------------------------------------------------ injection
     def lora_layers(self) -> dict[str, LoraLinear]:
@@ -72,7 +73,18 @@ class LoraModel:
         return self._wrappers
 
     def _tree_changed(self) -> None:
-        self._layers = self._wrappers = None
+        self._layers = self._wrappers = self._tied = None
+
+    def _tied_layers(self) -> set[str]:
+        """Wrapped layers whose weight is tied to another parameter (GPT-2's lm_head and wte): merging into
+        them would also change the other module (the input embeddings), so they are served unmerged only."""
+        if self._tied is None:
+            owners: dict[int, int] = {}
+            for _, p in self.model.named_parameters(remove_duplicate=False):
+                owners[p.data_ptr()] = owners.get(p.data_ptr(), 0) + 1
+            self._tied = {path for path, layer in self._lora_layers().items()
+                          if owners.get(layer.base_layer.weight.data_ptr(), 0) > 1}
+        return self._tied
 
     def _wrap(self, path: str) -> LoraLinear:
         module = self.model.get_submodule(path)
@@ -108,13 +120,22 @@ class LoraModel:
         if validate:
             weights = validate_adapter(self.model, weights, max_rank=self.max_rank, allow_detached=allow_detached)
         self._register(name, weights.config)
+        try:
+            self._install(name, weights)
+        except BaseException:
+            self.remove_adapter(name)  # e.g. out of device memory halfway: no half-added adapter stays
+            raise
+        return weights
+
+    def _install(self, name: str, weights: LoraWeights) -> None:
         ref = next(p for p in self.model.parameters())
         for path, (a, b) in weights.lora.items():
             layer = self._wrap(path)
             w = layer.base_layer.weight
             layer.add_adapter(name, int(a.shape[0]), weights.scaling_for(path), A=a.to(w.device, w.dtype),
                               B=b.to(w.device, w.dtype))
-            layer.requires_grad_(False)
+            for param in layer._ab[name]:  # a served adapter is frozen; the base layer keeps its own flags
+                param.requires_grad_(False)
             if self.merged_adapter is not None and layer._pristine is None:
                 layer.snapshot_pristine(self.pristine_device)  # a newly wrapped layer is pristine now
         params = dict(self.model.named_parameters())
@@ -129,7 +150,6 @@ class LoraModel:
                 self.detached.setdefault(name, {})[key] = t.to(ref.device)
         for module_path, params in by_module.items():
             self._wrap_saved(module_path).add_adapter(name, params)
-        return weights
 
     def add_trainable_adapter(self, name: str, config: LoraConfig) -> list[str]:
         """Inject freshly initialised (A random, B zero) LoRA matrices at the config's targets."""
@@ -224,6 +244,10 @@ class LoraModel:
             self.set_adapter(name)
             return
         layers = self._lora_layers()
+        tied = [path for path in self._tied_layers() if name in layers[path].scaling]
+        if tied:
+            raise MergeError(f"cannot merge {name!r}: {tied[0]}.weight is tied to another parameter (e.g. the "
+                             "input embeddings), which a merge would change too; serve it unmerged", key=tied[0])
         for layer in layers.values():
             layer.snapshot_pristine(self.pristine_device)
         # The cheap bound clears almost every layer; only layers it cannot clear get the full check.

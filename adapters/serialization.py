@@ -27,7 +27,7 @@ from adapters.weights import LoraWeights
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "METADATA_KEY", "load_peft_dir", "save_peft_dir", "load_single_file",
     "save_single_file", "weights_from_bytes", "single_file_from_bytes", "to_peft_bytes", "to_single_file_bytes",
-    "check_safetensors_header",
+    "check_safetensors_header", "looks_pickled",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,11 +41,28 @@ _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+def looks_pickled(data: bytes | memoryview) -> bool:
+    """True for a torch.save zip or a raw pickle, False for anything that could be a safetensors file.
+
+    The pickle opcode PROTO (0x80 0x02..0x05) is also how a safetensors header length of 640, 896, 1152...
+    begins (little-endian), so those two bytes alone prove nothing: a safetensors file is recognised by
+    its length prefix being followed, inside the buffer, by a JSON object."""
+    head = bytes(data[:9])
+    if head[:4] == b"PK\x03\x04":  # zip; as a header length it would be 67 MB, beyond any accepted header
+        return True
+    if len(head) < 2 or head[0] != 0x80 or head[1] not in (2, 3, 4, 5):
+        return False
+    if len(head) == 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        return 8 + header_len > len(data)
+    return True
+
+
 def check_safetensors_header(data: bytes | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES
                              ) -> tuple[dict, dict[str, str]]:
     """Validate a whole safetensors buffer's header; returns (tensor entries, metadata)."""
     size = len(data)
-    if size >= 2 and bytes(data[:2]) in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+    if looks_pickled(data):
         raise AdapterFormatError("this is a pickle/torch.save file; only safetensors is accepted (never unpickled)")
     if size < 8:
         raise AdapterFormatError(f"safetensors file is truncated: {size} bytes, no header")
@@ -59,6 +76,8 @@ def check_safetensors_header(data: bytes | memoryview, *, max_header_bytes: int 
         header = json.loads(bytes(data[8:8 + header_len]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise AdapterFormatError(f"safetensors header is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise AdapterFormatError("safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise AdapterFormatError("safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

@@ -51,11 +51,12 @@ def _check_values(key: str, t: torch.Tensor) -> None:
 
 
 def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | None = None,
-                     allow_detached: bool = False) -> LoraWeights:
+                     allow_detached: bool = False, max_delta: float | None = None) -> LoraWeights:
     """Returns the weights with module paths resolved against `model`; raises naming the bad key.
 
     `allow_detached` keeps modules_to_save tensors whose module the model lacks (a classifier head
-    served on a bare encoder); otherwise they are an error."""
+    served on a bare encoder); otherwise they are an error. `max_delta` bounds the entries of s·B·A
+    (checked through |s|·max_i‖B_i‖·max_j‖A_:j‖, which is ≥ every entry, without forming the product)."""
     modules = dict(model.named_modules())
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     pins: dict[str, tuple[str, int]] = {}  # resolved path -> (path as saved, rank)
@@ -84,6 +85,12 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
                 f"{key_a}: rank {rank} disagrees with the config's r/rank_pattern ({expected_rank})", key=key_a)
         _check_values(key_a, a)
         _check_values(key_b, b)
+        if max_delta is not None:
+            scaling = abs(weights.config.scaling_for(path, rank))
+            bound = scaling * float(b.float().norm(dim=1).max()) * float(a.float().norm(dim=0).max())
+            if not bound <= max_delta:
+                raise AdapterMismatchError(f"{key_b}: the update s·B·A may reach {bound:.3g} per weight (limit "
+                                           f"{max_delta:g}); the adapter is far larger than any trained one", key=key_b)
         lora[resolved] = (a, b)
         if resolved != path:
             pins[resolved] = (path, rank)
@@ -107,7 +114,23 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
             shape = None if target is None else tuple(target.shape)
             raise AdapterMismatchError(f"{full_key}: shape {tuple(t.shape)}, base has {shape}", key=full_key)
         saved[f"{resolved}.{param}"] = t
+    _check_detached_head(model, saved, modules)
     return LoraWeights(_pin_patterns(weights.config, pins), lora, saved)
+
+
+def _check_detached_head(model: nn.Module, saved: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
+    """A classifier head the model lacks is applied to the pooled output as `pooled @ W.T + b`, so its
+    shapes are checked now, not at the first classify request: W (labels, hidden) and b (labels,)."""
+    detached = {k: t for k, t in saved.items() if k.rpartition(".")[0] not in modules}
+    w, b = detached.get("classifier.weight"), detached.get("classifier.bias")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if w is not None and (w.dim() != 2 or (hidden is not None and w.shape[1] != hidden)):
+        key = PREFIX + "classifier.weight"
+        raise AdapterMismatchError(f"{key}: shape {tuple(w.shape)}, expected (labels, {hidden or 'hidden'})", key=key)
+    if b is not None and (w is None or tuple(b.shape) != (w.shape[0],)):
+        key = PREFIX + "classifier.bias"
+        expected = "no bias without classifier.weight" if w is None else f"({w.shape[0]},)"
+        raise AdapterMismatchError(f"{key}: shape {tuple(b.shape)}, expected {expected}", key=key)
 
 
 def _pin_patterns(config: LoraConfig, pins: dict[str, tuple[str, int]]) -> LoraConfig:

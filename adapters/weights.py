@@ -109,5 +109,11 @@ class LoraWeights:
 
 
 def _is_saved_module(rest: str, modules_to_save: list[str] | None) -> bool:
-    module_path = rest.rpartition(".")[0]
-    return any(module_path == m or module_path.endswith("." + m) for m in modules_to_save or [])
+    """PEFT's rule: a module is saved when its name equals an entry or ends with ".<entry>"; its tensors
+    include those of its submodules, so a nested head (`classifier.dense.weight`) belongs to it too."""
+    parts = rest.split(".")[:-1]  # the module path of the tensor, as components
+    for entry in modules_to_save or []:
+        wanted = entry.split(".")
+        if any(parts[i:i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1)):
+            return True
+    return False

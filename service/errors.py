@@ -18,7 +18,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import AdapterError, UnknownAdapterError
-from service.engine.errors import BadRequestError, EngineBusyError, EngineError, WrongTaskError
+from service.engine.errors import (
+    BadRequestError,
+    EngineBusyError,
+    EngineError,
+    NonFiniteOutputError,
+    WrongTaskError,
+)
 from service.store import NAME_PATTERN, AdapterExistsError
 
 __all__ = ["ServiceError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "PayloadTooLarge",
@@ -69,6 +75,7 @@ _DOMAIN_STATUS: list[tuple[type[Exception], int]] = [
     (UnknownAdapterError, 404),  # an adapter name that is not in the store
     (AdapterExistsError, 409),  # PUT without ?overwrite=true on a taken name
     (AdapterError, 422),  # bad files, unsupported features, shape/target mismatch, rank > max, merge refused
+    (NonFiniteOutputError, 422),  # an adapter whose weights overflow the model's activations
     (WrongTaskError, 400),  # e.g. completions on an encoder
     (BadRequestError, 400),  # inputs the engine cannot run (prompt too long, empty input)
     (EngineBusyError, 503),  # not ready, shutting down

@@ -11,6 +11,7 @@ here, with the reason, before anything is loaded.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -91,6 +92,13 @@ class Settings(BaseSettings):
     @field_validator("admin_keys", "inference_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().startswith("["):  # a JSON list, as pydantic-settings writes
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"API keys: a value starting with '[' must be a JSON list ({exc})") from None
+            if not (isinstance(value, list) and all(isinstance(k, str) for k in value)):
+                raise ValueError("API keys: a JSON value must be a list of strings")
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
@@ -116,6 +124,12 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a directory; the base model must be a local Hugging Face "
                              "checkpoint directory (nothing is downloaded)")
         return value
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _empty_store_is_the_default(cls, value: Any) -> Any:
+        # LORA_STORE= (set but empty) would otherwise become Path(""), the current directory.
+        return "store" if isinstance(value, str) and not value.strip() else value
 
     @field_validator("store")
     @classmethod

@@ -193,7 +193,11 @@ class AdapterStore:
                     _fsync_dir(self.tmp)
                     if created:
                         _fsync_dir(self.blobs)
-                record = self._insert(name, sha, len(config_bytes) + len(model_bytes), weights, meta or {})
+                try:
+                    record = self._insert(name, sha, len(config_bytes) + len(model_bytes), weights, meta or {})
+                except BaseException:
+                    self._collect(sha)  # the files just moved in (if no other row shares them) go too
+                    raise
                 if old is not None and old.sha256 != sha:
                     self._collect(old.sha256)
                 return record

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from adapters import LoraWeights, single_file_from_bytes, weights_from_bytes
-from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
+from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME, looks_pickled
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 __all__ = ["content_boundary", "read_capped_body", "parse_multipart", "weights_from_form", "read_adapter_upload",
@@ -29,8 +29,8 @@ __all__ = ["content_boundary", "read_capped_body", "parse_multipart", "weights_f
 
 SINGLE_FIELD = "adapter"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_PICKLE_MAGIC = (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # zip (torch.save) or pickle
 _MAX_PARTS = 8
+_MAX_BOUNDARY = 70  # RFC 2046, section 5.1.1
 
 
 def content_boundary(request: Request) -> bytes:
@@ -39,9 +39,12 @@ def content_boundary(request: Request) -> bytes:
     if ctype != b"multipart/form-data":
         raise UnsupportedMediaType(f"uploads must be multipart/form-data, got {ctype.decode() or 'no content type'!r}"
                                    f"; send the fields {CONFIG_NAME!r} and {WEIGHTS_NAME!r}, or {SINGLE_FIELD!r}")
-    if not params.get(b"boundary"):
+    boundary = params.get(b"boundary")
+    if not boundary:
         raise BadRequest("multipart/form-data without a boundary")
-    return params[b"boundary"]
+    if len(boundary) > _MAX_BOUNDARY:
+        raise BadRequest(f"multipart boundary of {len(boundary)} characters; RFC 2046 allows at most {_MAX_BOUNDARY}")
+    return boundary
 
 
 async def read_capped_body(request: Request, limit: int) -> bytes:
@@ -111,7 +114,7 @@ def parse_multipart(body: bytes, boundary: bytes) -> dict[str, tuple[str | None,
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         parser.write(body)
         parser.finalize()
-    except MultipartParseError as exc:
+    except (MultipartParseError, FormParserError) as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from None
     if not ended:
         raise BadRequest("truncated multipart body (no closing boundary)")
@@ -129,7 +132,7 @@ def parse_multipart(body: bytes, boundary: bytes) -> dict[str, tuple[str | None,
 def _refuse_pickle(fields: dict[str, tuple[str | None, bytes]]) -> None:
     for name, (filename, data) in fields.items():
         labels = [name] + ([filename] if filename else [])
-        if any(label.lower().endswith(_PICKLE_SUFFIXES) for label in labels) or data[:2] in _PICKLE_MAGIC:
+        if any(label.lower().endswith(_PICKLE_SUFFIXES) for label in labels) or looks_pickled(data):
             raise UnsupportedMediaType(f"field {name!r} holds a pickle/torch.save file; only safetensors is accepted "
                                        f"(send {WEIGHTS_NAME!r}; pickles are never unpickled)", key=name)
 

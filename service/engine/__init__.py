@@ -2,9 +2,17 @@
 
 from service.base_model import LoadedBase, load_base_model
 from service.engine.engine import Engine
-from service.engine.errors import BadRequestError, EngineBusyError, EngineError, UnknownAdapterError, WrongTaskError
+from service.engine.errors import (
+    BadRequestError,
+    EngineBusyError,
+    EngineError,
+    NonFiniteOutputError,
+    UnknownAdapterError,
+    WrongTaskError,
+)
 from service.engine.requests import ClassifyResult, CompletionChunk, CompletionRequest, CompletionResult, EmbedResult
 
 __all__ = ["BadRequestError", "ClassifyResult", "CompletionChunk", "CompletionRequest", "CompletionResult",
-           "EmbedResult", "Engine", "EngineBusyError", "EngineError", "LoadedBase", "UnknownAdapterError",
+           "EmbedResult", "Engine", "EngineBusyError", "EngineError", "LoadedBase", "NonFiniteOutputError",
+           "UnknownAdapterError",
            "WrongTaskError", "load_base_model"]

@@ -3,7 +3,7 @@
     store (disk, durable)  →  HostCache (RAM, LRU by bytes)  →  resident on the device (LoraModel)
 
 Entries are keyed by name and checked against the store's sha256, so an overwritten adapter is never
-served stale. The device tier lives in the engine, since only the loop thread may change the model.
+served stale. The tiers together are in tiers.py.
 """
 
 from __future__ import annotations

@@ -15,19 +15,18 @@ batches of warm ones.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from adapters import LoraModel, LoraWeights, UnknownAdapterError, validate_adapter
+from adapters import LoraModel, LoraWeights, MergeError, validate_adapter
 from service.base_model import LoadedBase
-from service.engine.cache import HostCache
+from service.engine.batch import admissible, fail_all, run_batch
 from service.engine.errors import BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.fingerprint import fingerprint
-from service.engine.generation import check_generation, generate_batch
 from service.engine.policy import MergePolicy
 from service.engine.requests import (
     ClassifyResult,
@@ -37,11 +36,15 @@ from service.engine.requests import (
     EmbedResult,
     WorkItem,
 )
-from service.engine.runner import check_classify, classify_rows, embed_rows
+from service.engine.tiers import AdapterTiers
 
 __all__ = ["Engine"]
 
 _STOP = object()
+# The largest |s·B·A| entry an uploaded adapter may add to a weight. Trained deltas are small next to the
+# weights (well under 1); one of 10^4 can only overflow activations, or wreck the model, so it is refused.
+MAX_DELTA = 1e4
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -49,11 +52,11 @@ class Engine:
         self.base, self.settings, self.store, self.metrics = base, settings, store, metrics
         self.lm = LoraModel(base.model, max_rank=settings.max_rank)
         self.lock = threading.RLock()
-        self.host_cache = HostCache(settings.host_cache_bytes)
+        self.tiers = AdapterTiers(self.lm, base, settings, store, self.validate, self._count)
+        self.host_cache, self.resident = self.tiers.host, self.tiers.resident  # read by state() and the tests
         self.policy = MergePolicy(settings.merge_policy, window=getattr(settings, "merge_window", 64),
                                   min_dwell=getattr(settings, "merge_min_dwell", 8))
         self.pinned = False
-        self.resident: OrderedDict[str, tuple[str, int]] = OrderedDict()  # name -> (sha256, bytes), LRU order
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._loads: dict[str, asyncio.Future] = {}
@@ -70,27 +73,20 @@ class Engine:
         if self._thread is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)
+        # Whatever was queued behind the stop is answered, not left hanging: 503 for its handler.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, WorkItem):
+                item.push(None)
+                item.fail(EngineBusyError("the service is shutting down"))
 
     # ------------------------------------------------------------------ adapters
     def validate(self, weights: LoraWeights) -> LoraWeights:
         return validate_adapter(self.base.model, weights, max_rank=self.settings.max_rank,
-                                allow_detached=self.base.task != "classify")
-
-    def _load_from_store(self, name: str) -> tuple[str, LoraWeights]:
-        try:
-            record = self.store.get(name)
-        except LookupError as exc:
-            raise UnknownAdapterError(f"adapter {name!r} not found", key=name) from exc
-        cached = self.host_cache.get(name, record.sha256)
-        if cached is not None:
-            self._count("cache_hits", "host")
-            return record.sha256, cached
-        self._count("cache_misses", "host")
-        weights = self.validate(self.store.load_weights(name))
-        weights = weights.to(dtype=self.base.dtype)
-        self.host_cache.put(name, record.sha256, weights)
-        self._count("adapter_loads", "disk")
-        return record.sha256, weights
+                                allow_detached=self.base.task != "classify", max_delta=MAX_DELTA)
 
     async def _ensure_loaded(self, name: str | None) -> None:
         """Bring `name` into host RAM off the loop thread; concurrent callers share one load."""
@@ -98,7 +94,7 @@ class Engine:
             return
         fut = self._loads.get(name)
         if fut is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(self._load_from_store, name))
+            fut = asyncio.ensure_future(asyncio.to_thread(self.tiers.load, name))
             self._loads[name] = fut
             fut.add_done_callback(lambda _f, n=name: self._loads.pop(n, None))
         await asyncio.shield(fut)
@@ -112,39 +108,30 @@ class Engine:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failed prefetch is not an error
 
     def forget(self, name: str) -> None:
-        """After delete or overwrite: drop every cached copy (unmerging first if it is merged)."""
+        """After delete or overwrite: drop every cached copy (unmerging first if it is merged). The loop
+        runs this before any batch it gathers with it, so no later request sees the old weights."""
         self.host_cache.pop(name)
-        self._call_soon(lambda: self._evict(name, force=True))
+
+        def drop() -> None:
+            self.policy.forget(name)  # its past traffic must not make `auto` merge it (or its successor)
+            self._evict(name, force=True)
+
+        self._call_soon(drop)
 
     def _make_resident(self, names: set[str]) -> None:
-        """Loop thread: put the batch's adapters on the device, evicting LRU ones beyond the bounds."""
+        """Loop thread: put these adapters on the device, then trim the tier back to its bounds."""
         for name in names:
-            sha, weights = self._load_from_store(name) if name not in self.resident else (None, None)
-            if name in self.resident:
-                self.resident.move_to_end(name)
-                self._count("cache_hits", "device")
-                continue
-            self._count("cache_misses", "device")
-            self.lm.add_adapter(name, weights.to(self.base.device), validate=False)
-            self.resident[name] = (sha, weights.nbytes())
-            self._count("adapter_loads", "device")
-        max_n, max_bytes = self.settings.device_cache_adapters, self.settings.device_cache_bytes
-        for victim in list(self.resident):
-            if len(self.resident) <= max_n and sum(b for _, b in self.resident.values()) <= max_bytes:
-                break
-            if victim not in names and victim != self.lm.merged_adapter:
-                self._evict(victim)
+            self.tiers.add_resident(name)
+        self.tiers.trim(protect=names)
 
     def _evict(self, name: str, force: bool = False) -> None:
-        if name not in self.resident:
-            return
-        if name == self.lm.merged_adapter:
+        """Loop thread: take `name` off the device; a merged adapter only when forced (after a delete)."""
+        if name == self.lm.merged_adapter and name in self.resident:
             if not force:
                 return
             self._set_merged(None, kind="unmerge")
             self.pinned = False
-        self.lm.remove_adapter(name)
-        del self.resident[name]
+        self.tiers.remove(name)
 
     # ------------------------------------------------------------------ merge
     def _set_merged(self, name: str | None, kind: str) -> None:
@@ -254,10 +241,12 @@ class Engine:
             if first is _STOP:
                 return
             batch, controls = self._gather(first)
-            for group in self._groups(batch):
-                self._run_group(group)
+            # Controls first: an eviction after a DELETE or overwrite, or a merge, was asked for before (or
+            # while) these requests queued, so they must see its effect, never the stale weights.
             for control in controls:
                 self._run_control(control)
+            for group in self._groups(batch):
+                self._run_group(group)
 
     def _gather(self, first: Any) -> tuple[list[WorkItem], list[Any]]:
         batch: list[WorkItem] = []
@@ -301,92 +290,53 @@ class Engine:
     def _run_group(self, items: list[WorkItem]) -> None:
         started = time.perf_counter()
         with self.lock:
-            items = self._admissible(self._residents_for(items))
+            items = admissible(self.lm, self.base, self._residents_for(items))
             if not items:
                 return
             try:
                 self._apply_policy(items)
-                if items[0].kind == "generate":
-                    generate_batch(self.lm, self.base, items)
-                else:
-                    self._run_texts(items)
-            except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handlers
-                self._fail_or_isolate(items, exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. the merged adapter's store entry vanished
+                fail_all(items, exc)
+            else:
+                run_batch(self.lm, self.base, items)
+            self.tiers.trim(protect=set())  # a batch may overshoot the bounds; not beyond it
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(items))
             self.metrics.forward_seconds.observe(time.perf_counter() - started)
 
     def _residents_for(self, items: list[WorkItem]) -> list[WorkItem]:
-        """Make each named adapter resident; a request whose adapter vanished (deleted meanwhile) fails
-        alone, the rest of the batch runs."""
+        """Make every adapter of the batch resident at once (so loading one cannot evict another that the
+        batch needs); a request whose adapter vanished (deleted meanwhile) fails alone, the rest runs."""
         failed: dict[str, Exception] = {}
-        for name in dict.fromkeys(i.adapter for i in items if i.adapter is not None):
+        names = set(dict.fromkeys(i.adapter for i in items if i.adapter is not None))
+        for name in names:
             try:
-                self._make_resident({name})
+                self.tiers.add_resident(name)
             except Exception as exc:  # noqa: BLE001
                 failed[name] = exc
+        self.tiers.trim(protect=names)
         for item in items:
             if item.adapter in failed:
                 item.push(None)
                 item.fail(failed[item.adapter])
         return [i for i in items if i.adapter not in failed]
 
-    def _admissible(self, items: list[WorkItem]) -> list[WorkItem]:
-        """Per-request checks that depend on the model (context length, classifier head): a request that
-        fails them fails alone, before it can take its batch down with it."""
-        admitted = []
-        for item in items:
-            if item.abandoned:
-                continue
-            try:
-                if item.kind == "generate":
-                    check_generation(self.base, item)
-                elif item.kind == "classify":
-                    check_classify(self.lm, self.base, item.adapter)
-            except Exception as exc:  # noqa: BLE001
-                item.push(None)
-                item.fail(exc)
-                continue
-            admitted.append(item)
-        return admitted
-
-    def _fail_or_isolate(self, items: list[WorkItem], exc: Exception) -> None:
-        """An unexpected failure of a text batch reruns its requests one by one, so only the request that
-        causes it gets the error. Generation streams as it goes, so its batch cannot be rerun; all fail."""
-        if len(items) == 1 or items[0].kind == "generate":
-            for item in items:
-                item.push(None)
-                item.fail(exc)
-            return
-        for item in items:
-            try:
-                self._run_texts([item])
-            except Exception as own:  # noqa: BLE001
-                item.fail(own)
-
     def _apply_policy(self, items: list[WorkItem]) -> None:
         adapters = [i.adapter for i in items]
         if self.policy.mode == "always" and not self.pinned:
-            if self.lm.merged_adapter != adapters[0]:
-                self._set_merged(adapters[0], "switch" if self.lm.merged_adapter and adapters[0] else "merge")
+            target = adapters[0]
+            change = self.lm.merged_adapter != target and target not in self.policy.refused
+        else:
+            self.policy.observe(adapters)
+            change, target = self.policy.decide(self.lm.merged_adapter, self.pinned)
+        if not change:
             return
-        self.policy.observe(adapters)
-        change, target = self.policy.decide(self.lm.merged_adapter, self.pinned)
-        if change:
-            kind = "unmerge" if target is None else ("switch" if self.lm.merged_adapter else "merge")
+        kind = "unmerge" if target is None else ("switch" if self.lm.merged_adapter else "merge")
+        try:
             self._set_merged(target, kind)
-
-    def _run_texts(self, items: list[WorkItem]) -> None:
-        texts, names, spans = [], [], []
-        for item in items:
-            spans.append((len(texts), len(texts) + len(item.payload)))
-            texts += item.payload
-            names += [item.adapter] * len(item.payload)
-        fn = embed_rows if items[0].kind == "embed" else classify_rows
-        rows, tokens = fn(self.lm, self.base, texts, names)
-        for item, (a, b) in zip(items, spans, strict=True):
-            n = sum(tokens[a:b])
-            item.resolve(EmbedResult(rows[a:b], n) if item.kind == "embed" else ClassifyResult(rows[a:b], n))
+        except MergeError as exc:  # e.g. a tied or overflowing weight: serve it unmerged, never fail the batch
+            self.policy.refuse(target)
+            log.warning("%s merge policy: not merging %r (%s); it is served unmerged", self.policy.mode, target, exc)
 
     def _count(self, metric: str, tier: str) -> None:
         if self.metrics is not None:

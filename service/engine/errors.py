@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from adapters.errors import UnknownAdapterError
 
-__all__ = ["EngineError", "EngineBusyError", "WrongTaskError", "BadRequestError", "UnknownAdapterError"]
+__all__ = ["EngineError", "EngineBusyError", "WrongTaskError", "BadRequestError", "UnknownAdapterError",
+           "NonFiniteOutputError"]
 
 
 class EngineError(Exception):
@@ -23,3 +24,12 @@ class WrongTaskError(EngineError):
 
 class BadRequestError(EngineError):
     """Inputs the engine cannot run: empty input, prompt longer than the model allows (HTTP 400)."""
+
+
+class NonFiniteOutputError(EngineError):
+    """The adapter drove the model's outputs to NaN or infinity for this input (HTTP 422)."""
+
+    def __init__(self, adapter: str | None) -> None:
+        super().__init__(f"adapter {adapter or 'base'!r} produced non-finite outputs (NaN or infinity) for this input; "
+                         "its weights are too large for this base model and dtype")
+        self.key = adapter

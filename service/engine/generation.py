@@ -4,6 +4,9 @@ Prompts are left-padded into one batch; each row keeps its own adapter (routed p
 sampling settings and its own seeded generator, so a request's tokens do not depend on what else
 shares its batch. Position ids are computed from the attention mask, so left padding does not shift
 positions. Every decoding step is one forward for all unfinished rows.
+
+Streaming sends text, not tokens: a byte-level BPE token can end in the middle of a UTF-8 character,
+which decodes to U+FFFD until the next token completes it, so a trailing U+FFFD is held back until then.
 """
 
 from __future__ import annotations
@@ -12,16 +15,19 @@ import torch
 
 from adapters import LoraModel
 from service.base_model import LoadedBase
-from service.engine.errors import BadRequestError
+from service.engine.errors import BadRequestError, NonFiniteOutputError
 from service.engine.requests import CompletionChoice, CompletionChunk, CompletionResult, WorkItem
 from service.engine.runner import routing
 
 __all__ = ["check_generation", "generate_batch"]
 
+_GREEDY_BELOW = 1e-5
+_PARTIAL = "\ufffd"  # what decoding gives for an incomplete UTF-8 sequence
+
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     """One token id from (V,) logits: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
+    if temperature < _GREEDY_BELOW:  # logits / 1e-39 overflow to inf and softmax gives NaN: that is greedy
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
@@ -37,9 +43,11 @@ class _Row:
         self.item, self.req, self.prompt_len = item, req, prompt_len
         self.gen = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # the decoded completion so far (cut at a stop string)
+        self.sent = 0  # how much of `text` has been streamed
         self.logprobs: list[float] = []
-        self.tokens: list[str] = []
+        self.tokens: list[str] = []  # each token's own text
+        self.offsets: list[int] = []  # where each token's text starts in `text`
         self.finish: str | None = None if req.max_tokens > 0 else "length"
 
 
@@ -70,9 +78,14 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
         logits = out.logits[:, -1].float()  # (B, V)
         for _ in range(max(r.req.max_tokens for r in rows)):
             next_ids = []
+            finite = torch.isfinite(logits).all(-1).tolist()  # (B,): an adapter may overflow its own rows
             for i, row in enumerate(rows):
                 if row.finish is None and row.item.abandoned:
                     row.finish = "abandoned"  # its client disconnected: stop spending steps on it
+                if row.finish is None and not finite[i]:
+                    row.finish = "error"
+                    row.item.push(None)
+                    row.item.fail(NonFiniteOutputError(row.item.adapter))
                 if row.finish is not None:
                     next_ids.append(eos if eos is not None else 0)
                     continue
@@ -83,16 +96,21 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
                 break
             step = torch.tensor(next_ids, device=base.device).unsqueeze(1)  # (B, 1)
             mask = torch.cat([mask, torch.ones_like(step)], dim=1)  # (B, T+1)
-            pos = pos[:, -1:] + 1  # (B, 1)
+            # (B, 1). A finished row still rides along (its output is ignored) but must not run past the
+            # position table: a short prompt may decode far longer than a long prompt next to it.
+            pos = (pos[:, -1:] + 1).clamp(max=base.max_length - 1)
             out = base.model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=past,
                              use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1].float()
     for row in rows:
+        if row.finish == "error":
+            continue
         if row.finish is None:
             row.finish = "length"
-        row.item.push(CompletionChunk("", row.finish))
+        row.item.push(CompletionChunk(row.text[row.sent:], row.finish))  # with any held-back text
         row.item.push(None)
-        choice = CompletionChoice(row.text, row.finish, row.tokens, row.logprobs if row.req.logprobs else None)
+        choice = CompletionChoice(row.text, row.finish, row.tokens, row.logprobs if row.req.logprobs else None,
+                                  row.offsets)
         row.item.resolve(CompletionResult(choice, row.prompt_len, len(row.ids)))
 
 
@@ -101,18 +119,23 @@ def _advance(row: _Row, token: int, logprob: float, tok, eos: int | None) -> Non
     if eos is not None and token == eos:
         row.finish = "stop"
         return
+    previous = row.text
     row.ids.append(token)
     text = tok.decode(row.ids, skip_special_tokens=True)
     for stop in row.req.stop:
-        cut = text.find(stop, max(0, len(row.text) - len(stop)))
+        cut = text.find(stop, max(0, len(previous) - len(stop)))
         if cut != -1:
             text, row.finish = text[:cut], "stop"
             break
-    delta = text[len(row.text):]
     row.text = text
+    # A token that completes a held-back character starts where that character does.
+    row.offsets.append(min(len(previous.rstrip(_PARTIAL)), len(text)))
+    row.tokens.append(tok.decode([token], skip_special_tokens=True))
     row.logprobs.append(logprob)
-    row.tokens.append(tok.convert_ids_to_tokens(token))
     if row.finish is None and len(row.ids) >= row.req.max_tokens:
         row.finish = "length"
-    if delta:
-        row.item.push(CompletionChunk(delta, None, logprob if row.req.logprobs else None))
+    if row.finish is None:  # the final chunk (generate_batch) sends whatever is left
+        visible = len(text.rstrip(_PARTIAL))
+        if visible > row.sent:
+            row.item.push(CompletionChunk(text[row.sent:visible], None, logprob if row.req.logprobs else None))
+            row.sent = visible

@@ -34,6 +34,16 @@ class MergePolicy:
         self.recent: deque[str | None] = deque(maxlen=window)
         self.batches_since_change = min_dwell
         self.switches = 0
+        self.refused: set[str] = set()  # adapters a merge refused (tied or overflowing weights): never retried
+
+    def forget(self, name: str) -> None:
+        """A deleted or replaced adapter: its past requests no longer count, and a new version may merge."""
+        self.recent = deque((a for a in self.recent if a != name), maxlen=self.recent.maxlen)
+        self.refused.discard(name)
+
+    def refuse(self, name: str | None) -> None:
+        if name is not None:
+            self.refused.add(name)
 
     def observe(self, adapters: Iterable[str | None]) -> None:
         self.recent.extend(adapters)
@@ -49,7 +59,10 @@ class MergePolicy:
             return False, merged
         if len(self.recent) < (self.recent.maxlen or 0):
             return False, merged
-        top, count = Counter(self.recent).most_common(1)[0]
+        counts = Counter(a for a in self.recent if a not in self.refused)
+        if not counts:
+            return False, merged
+        top, count = counts.most_common(1)[0]
         share = count / len(self.recent)
         if merged is None:
             if top is not None and share >= self.enter:
@@ -68,4 +81,4 @@ class MergePolicy:
     def describe(self) -> dict:
         return {"policy": self.mode, "enter_share": self.enter, "leave_share": self.leave,
                 "min_dwell_batches": self.min_dwell, "window": self.recent.maxlen, "recent_shares": self.shares(),
-                "auto_switches": self.switches}
+                "auto_switches": self.switches, "refused": sorted(self.refused)}

@@ -34,6 +34,7 @@ class CompletionChoice:
     finish_reason: str  # "stop" | "length"
     tokens: list[str] = field(default_factory=list)
     token_logprobs: list[float] | None = None
+    text_offsets: list[int] = field(default_factory=list)  # where each token's text starts in `text`
 
 
 @dataclass

@@ -54,9 +54,17 @@ def embed_rows(lm: LoraModel, base: LoadedBase, texts: list[str], names: list[st
 def check_classify(lm: LoraModel, base: LoadedBase, adapter: str | None) -> None:
     """On a bare encoder only adapters that carry a classifier head can classify; refuse the others
     before batching, so such a request fails alone."""
-    if base.task != "classify" and "classifier.weight" not in lm.detached.get(adapter or "", {}):
+    if base.task == "classify":
+        return
+    head = lm.detached.get(adapter or "", {})
+    if "classifier.weight" not in head:
         raise BadRequestError(f"adapter {adapter or 'base'!r} carries no classifier head (modules_to_save) and "
                               "the base model is not a classifier")
+    others = sorted(k for k in head if k not in ("classifier.weight", "classifier.bias"))
+    if others:  # e.g. DistilBERT's pre_classifier: applying only `classifier` would give wrong scores
+        raise BadRequestError(f"adapter {adapter!r} carries a classifier head with more than one layer ({others[0]}"
+                              "...); on a bare encoder only a single `classifier` layer can be applied. Serve it on "
+                              "the matching *ForSequenceClassification base model")
 
 
 @torch.inference_mode()

@@ -80,11 +80,7 @@ def _choice(index: int, result: CompletionResult) -> CompletionChoice:
     c = result.choice
     logprobs = None
     if c.token_logprobs is not None:
-        offsets, at = [], 0
-        for token in c.tokens:
-            offsets.append(at)
-            at += len(token)
-        logprobs = CompletionLogprobs(tokens=c.tokens, token_logprobs=c.token_logprobs, text_offset=offsets)
+        logprobs = CompletionLogprobs(tokens=c.tokens, token_logprobs=c.token_logprobs, text_offset=c.text_offsets)
     return CompletionChoice(text=c.text, index=index, logprobs=logprobs, finish_reason=c.finish_reason)
 
 

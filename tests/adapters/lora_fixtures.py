@@ -11,7 +11,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 VOCAB = 97
 NUM_LABELS = 3
@@ -41,6 +49,14 @@ def make_bert(seed: int = 0, dtype: torch.dtype = torch.float32) -> BertModel:
 def make_bert_cls(seed: int = 0, dtype: torch.dtype = torch.float32) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     return BertForSequenceClassification(_bert_config()).to(dtype).eval()
+
+
+def make_roberta_cls(seed: int = 0, dtype: torch.dtype = torch.float32) -> RobertaForSequenceClassification:
+    """RoBERTa's head nests two Linears (classifier.dense, classifier.out_proj) under one modules_to_save entry."""
+    torch.manual_seed(seed)
+    config = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=37, max_position_embeddings=40, num_labels=NUM_LABELS, pad_token_id=1)
+    return RobertaForSequenceClassification(config).to(dtype).eval()
 
 
 def tokens(batch: int = 3, length: int = 7, seed: int = 123) -> torch.Tensor:

@@ -77,3 +77,37 @@ def test_field_is_named_in_the_message():
         LoraConfig.from_peft_dict({"r": "8"})
     with pytest.raises(AdapterFormatError, match="not valid JSON"):
         LoraConfig.from_json(b"{")
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga", "something_new"])
+def test_inits_that_rewrite_the_base_weights_are_refused(init):
+    """PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA adapters are only valid on the base they modified at init."""
+    with pytest.raises(UnsupportedAdapterError, match="init_lora_weights") as err:
+        LoraConfig.from_peft_dict({"r": 4, "target_modules": ["q"], "init_lora_weights": init})
+    assert err.value.key == "init_lora_weights"
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_inits_that_only_choose_a_and_b_are_accepted(init):
+    assert LoraConfig.from_peft_dict({"r": 4, "target_modules": ["q"], "init_lora_weights": init}).r == 4
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("use_bdlora", True), ("bdlora_config", {"blocks": 2}), ("arrow_config", {"top_k": 3})])
+def test_bdlora_and_arrow_are_refused_when_set(field, value):
+    with pytest.raises(UnsupportedAdapterError, match=field):
+        LoraConfig.from_peft_dict({"r": 4, "target_modules": ["q"], field: value})
+    assert LoraConfig.from_peft_dict({"r": 4, "target_modules": ["q"], field: None}).r == 4
+
+
+def test_empty_exclude_modules_means_none():
+    assert LoraConfig.from_peft_dict({"r": 4, "target_modules": ["q"], "exclude_modules": []}).exclude_modules is None
+
+
+@pytest.mark.parametrize("data", [
+    {"task_type": 5}, {"task_type": ["SEQ_CLS"]}, {"base_model_name_or_path": {"a": 1}},
+    {"lora_alpha": 10 ** 400}, {"alpha_pattern": {"q": -(10 ** 400)}},
+])
+def test_wrong_types_and_overflowing_numbers_are_format_errors(data):
+    with pytest.raises(AdapterFormatError):
+        LoraConfig.from_json(json.dumps({"r": 4, "target_modules": ["q"], **data}))

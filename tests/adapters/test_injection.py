@@ -108,3 +108,14 @@ def test_set_submodule():
     new = torch.nn.Linear(32, 32)
     set_submodule(model, "encoder.layer.0.attention.self.query", new)
     assert model.encoder.layer[0].attention.self.query is new
+
+
+def test_target_that_matches_a_container_is_a_clear_error_not_skipped():
+    """PEFT refuses a target naming a block (it cannot put LoRA on BertAttention); so do we, rather than
+    silently wrapping only the other matches."""
+    from lora_fixtures import make_bert
+
+    with pytest.raises(TargetNotFoundError, match=r"attention \(BertAttention\)"):
+        resolve_targets(make_bert(), ["attention", "query"])
+    with pytest.raises(TargetNotFoundError, match=r"BertSelfAttention"):
+        resolve_targets(make_bert(), r".*attention\.self(\.query)?")

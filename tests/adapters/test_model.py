@@ -386,3 +386,71 @@ def test_adapters_added_under_inference_mode_serve_mixed_batches():
     want_x = base[1](base[0](x[:1]) + 2.0 * x[:1] @ a.T @ b.T)
     torch.testing.assert_close(out[1:], want_base[1:])
     torch.testing.assert_close(out[:1], want_x)
+
+
+def test_merge_into_a_tied_weight_is_refused_and_changes_nothing():
+    """GPT-2's lm_head shares its weight with the input embeddings: a merge would change those too."""
+    model = make_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    before = _params(model)
+    lm = LoraModel(model)
+    lm.add_adapter("head", random_weights(model, 1, r=2, lora_alpha=4, target_modules=["lm_head", "c_attn"]))
+    lm.add_adapter("attn", random_weights(model, 2, r=2, lora_alpha=4, target_modules=["c_attn"]))
+    with pytest.raises(MergeError, match="lm_head.weight is tied"):
+        lm.merge("head")
+    assert lm.merged_adapter is None
+    _assert_equal_params(model, before)
+    lm.merge("attn")  # an adapter that leaves the tied layer alone still merges
+    with pytest.raises(MergeError, match="tied"):
+        lm.merge("head")  # and a refused switch keeps the current merge
+    assert lm.merged_adapter == "attn"
+    lm.unmerge()
+    _assert_equal_params(model, before)
+
+
+def test_merge_of_an_adapter_added_under_inference_mode():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    lm = LoraModel(base)
+    w0 = base[0].weight.detach().clone()
+    a, b = torch.randn(2, 4), torch.randn(4, 2)
+    with torch.inference_mode():
+        lm.add_adapter("x", LoraWeights(LoraConfig(r=2, lora_alpha=4, target_modules=["0"]), {"0": (a, b)}))
+        lm.merge("x")
+        torch.testing.assert_close(base[0].weight, w0 + 2.0 * b @ a)
+        lm.unmerge()
+    assert torch.equal(base[0].weight, w0)
+
+
+def test_adding_a_served_adapter_leaves_the_base_layers_trainability_alone():
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))  # a base the user is still training
+    lm = LoraModel(base)
+    lm.add_adapter("x", LoraWeights(LoraConfig(r=2, target_modules=["0"]), {"0": (torch.randn(2, 4),
+                                                                                    torch.randn(4, 2))}))
+    assert base[0].base_layer.weight.requires_grad and base[0].base_layer.bias.requires_grad
+    assert not any(p.requires_grad for p in lm.trainable_parameters("x"))
+
+
+def test_an_add_that_fails_halfway_leaves_no_trace(monkeypatch):
+    """E.g. the device runs out of memory at the third layer: the first two must not keep the adapter."""
+    from adapters.layer import LoraLinear
+
+    model = make_gpt2()
+    before = _params(model)
+    modules = dict(model.named_modules())
+    lm = LoraModel(model)
+    calls = []
+    add = LoraLinear.add_adapter
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "add_adapter", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lm.add_adapter("x", random_weights(model, 1, r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"]))
+    assert "x" not in lm.configs and lm.lora_layers() == {}
+    assert dict(model.named_modules()) == modules
+    _assert_equal_params(model, before)

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from lora_fixtures import make_bert, make_bert_cls, make_gpt2, output, peft_adapter
+from lora_fixtures import make_bert, make_bert_cls, make_gpt2, make_roberta_cls, output, peft_adapter
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -31,6 +31,9 @@ CASES = {
     "bert-seqcls-modules-to-save": (make_bert_cls, dict(
         task_type="SEQ_CLS", r=4, lora_alpha=4, target_modules=["query", "value", "dense"],
         rank_pattern={"value": 2}, alpha_pattern={"layer.1.attention.self.query": 10.0})),
+    # RoBERTa classifier: the head nests Linears, saved as classifier.dense.* and classifier.out_proj.*.
+    "roberta-seqcls-nested-head": (make_roberta_cls, dict(
+        task_type="SEQ_CLS", r=4, lora_alpha=64, target_modules=["query", "key", "value"])),
 }
 
 

@@ -53,3 +53,14 @@ def test_missing_half_and_empty():
 def test_unknown_adapter_error_reads_as_its_message():
     err = UnknownAdapterError("adapter 'x' is not resident", key="x")
     assert str(err) == "adapter 'x' is not resident" and isinstance(err, KeyError)
+
+
+def test_nested_modules_to_save_keys_belong_to_their_module():
+    """RoBERTa's head is `classifier.dense` + `classifier.out_proj`: PEFT saves every tensor under the entry."""
+    config = LoraConfig(r=2, modules_to_save=["classifier"])
+    nested = {"base_model.model.classifier.dense.weight": torch.randn(4, 4),
+              "base_model.model.roberta.classifier.out_proj.bias": torch.randn(2)}
+    w = LoraWeights.from_state_dict(config, _sd(**nested))
+    assert sorted(w.modules_to_save) == ["classifier.dense.weight", "roberta.classifier.out_proj.bias"]
+    with pytest.raises(AdapterFormatError, match="neither a LoRA matrix"):  # a name that only starts alike
+        LoraWeights.from_state_dict(config, _sd(**{"base_model.model.classifier_x.weight": torch.randn(2)}))

@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 from http_testkit import BERT_TARGETS, make_adapter, peft_files, single_file
 
-from adapters import LoraWeights
+from adapters import LoraConfig, LoraWeights
 
 
 def _embed(client: TestClient, model: str, text: str = "merge me") -> torch.Tensor:
@@ -76,17 +76,33 @@ def test_switching_merged_adapters_restores_exactly(bert_client: TestClient, uni
         assert bert_client.post("/v1/unmerge").json()["fingerprint"] == before
 
 
-def test_refused_merge_leaves_the_base_untouched(bert_client: TestClient, unique: str):
-    """Finite factors whose product overflows float32: the merge is refused, nothing is written."""
+def test_refused_merge_leaves_the_base_untouched(gpt2_client: TestClient, unique: str):
+    """GPT-2's lm_head shares its weight with the input embeddings: merging into it would change those too,
+    so the merge is refused (422), nothing is written, and the adapter still serves unmerged."""
+    vocab = gpt2_client.app.state.base.model.lm_head.weight.shape[0]
+    gen = torch.Generator().manual_seed(4)
+    weights = LoraWeights(LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]),
+                          {"lm_head": (torch.randn(2, 32, generator=gen), torch.randn(vocab, 2, generator=gen))})
+    _upload(gpt2_client, unique, weights)
+    before = gpt2_client.get("/v1/state").json()
+    r = gpt2_client.post(f"/v1/adapters/{unique}/merge")
+    assert r.status_code == 422 and r.json()["error"]["type"] == "merge_error", r.text
+    assert "tied" in r.json()["error"]["message"]
+    after = gpt2_client.get("/v1/state").json()
+    assert after["merged_adapter"] is None and after["fingerprint"] == before["fingerprint"]
+    done = gpt2_client.post("/v1/completions", json={"model": unique, "prompt": "hello", "max_tokens": 2})
+    assert done.status_code == 200 and gpt2_client.get("/readyz").status_code == 200
+
+
+def test_an_adapter_whose_merge_would_overflow_is_refused_at_upload(bert_client: TestClient, unique: str):
+    """Finite factors whose product overflows float32 never reach the store, so never a merge."""
     huge = make_adapter(BERT_TARGETS, scale=1.0)
     huge.lora = {p: (a * 1e20, b * 1e20) for p, (a, b) in huge.lora.items()}
-    _upload(bert_client, unique, huge)
     before = bert_client.get("/v1/state").json()
-    r = bert_client.post(f"/v1/adapters/{unique}/merge")
-    assert r.status_code == 422 and r.json()["error"]["type"] == "merge_error", r.text
-    after = bert_client.get("/v1/state").json()
-    assert after["merged_adapter"] is None and after["fingerprint"] == before["fingerprint"]
-    assert bert_client.get("/readyz").status_code == 200
+    r = bert_client.put(f"/v1/adapters/{unique}", files=peft_files(huge))
+    assert r.status_code == 422 and "s·B·A" in r.json()["error"]["message"], r.text
+    assert bert_client.get(f"/v1/adapters/{unique}").status_code == 404
+    assert bert_client.get("/v1/state").json()["fingerprint"] == before["fingerprint"]
 
 
 def test_delete_of_the_merged_adapter_unmerges(bert_client: TestClient, unique: str):
@@ -160,7 +176,8 @@ def test_compose_truncated_reports_its_error(bert_client: TestClient, unique: st
     assert again.status_code == 201 and again.json()["version"] == 2 and again.json()["relative_error"] < 1e-6
 
 
-@pytest.mark.parametrize("case", ["unknown", "too_large", "bad_name", "empty", "bad_rank", "extra_field"])
+@pytest.mark.parametrize("case", ["unknown", "too_large", "bad_name", "empty", "bad_rank", "extra_field",
+                                  "overflow", "overflow_svd"])
 def test_compose_errors_change_nothing(bert_client: TestClient, unique: str, case: str):
     for i in range(5):
         bert_client.put(f"/v1/adapters/{unique}-{i}", files=single_file(make_adapter(BERT_TARGETS, rank=4, seed=i)))
@@ -172,6 +189,9 @@ def test_compose_errors_change_nothing(bert_client: TestClient, unique: str, cas
         "empty": ({"name": unique, "adapters": []}, 422),
         "bad_rank": ({"name": unique, "adapters": items[:1], "rank": 0}, 422),
         "extra_field": ({"name": unique, "adapters": items[:1], "mode": "svd"}, 422),
+        # weights so large that the combination (or its SVD core) overflows float32
+        "overflow": ({"name": unique, "adapters": [{**i, "weight": 1e38} for i in items[:2]]}, 422),
+        "overflow_svd": ({"name": unique, "adapters": [{**i, "weight": 1e18} for i in items[:2]], "rank": 2}, 422),
     }[case]
     count = bert_client.app.state.store.count()
     r = bert_client.post("/v1/compose", json=body)

@@ -210,3 +210,54 @@ def test_models_lists_base_and_adapters(gpt2_client: TestClient, gpt2_adapter: s
     assert ids[0] == "base" and gpt2_adapter in ids
     card = out["data"][ids.index(gpt2_adapter)]
     assert card["object"] == "model" and card["parent"] == "base" and card["created"] > 0
+
+
+@pytest.mark.parametrize("head", [
+    {"classifier.weight": torch.randn(2, 31)},  # hidden size 32
+    {"classifier.weight": torch.randn(64)},  # not 2-D
+    {"classifier.weight": torch.randn(2, 32), "classifier.bias": torch.zeros(3)},  # labels disagree
+    {"classifier.bias": torch.zeros(2)},  # a bias without a weight
+])
+def test_a_detached_head_of_the_wrong_shape_is_refused_at_upload(bert_client: TestClient, unique: str, head):
+    r = bert_client.put(f"/v1/adapters/{unique}", files=peft_files(make_adapter(BERT_TARGETS, modules_to_save=head)))
+    assert r.status_code == 422 and "classifier" in r.json()["error"]["message"], r.text
+    assert bert_client.get(f"/v1/adapters/{unique}").status_code == 404
+
+
+def test_a_multi_layer_head_on_an_encoder_is_not_half_applied(bert_client: TestClient, unique: str):
+    head = {"pre_classifier.weight": torch.randn(32, 32), "pre_classifier.bias": torch.zeros(32),
+            "classifier.weight": torch.randn(2, 32), "classifier.bias": torch.zeros(2)}
+    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=6, modules_to_save=head))
+    assert bert_client.post("/v1/embeddings", json={"model": unique, "input": "hello"}).status_code == 200
+    r = bert_client.post("/v1/classify", json={"model": unique, "input": "hello"})
+    assert r.status_code == 400 and "pre_classifier" in r.json()["error"]["message"]
+
+
+def test_an_adapter_far_larger_than_any_trained_one_is_refused_at_upload(bert_client: TestClient, unique: str):
+    r = bert_client.put(f"/v1/adapters/{unique}", files=peft_files(make_adapter(BERT_TARGETS, scale=1e3)))
+    assert r.status_code == 422 and "s·B·A" in r.json()["error"]["message"]
+    assert bert_client.get(f"/v1/adapters/{unique}").status_code == 404
+
+
+def test_non_finite_outputs_are_a_clear_error_for_their_own_request_only(bert_client: TestClient, unique: str):
+    """An adapter within the upload bound can still overflow on a float16 base; simulated here by poisoning
+    the pooled output of one adapter's rows."""
+    import service.engine.batch as batch_module
+
+    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=8))
+    embed_rows = batch_module.embed_rows
+
+    def poisoned(lm, base, texts, names):
+        rows, tokens = embed_rows(lm, base, texts, names)
+        return [[float("nan")] * len(r) if n == unique else r for r, n in zip(rows, names, strict=True)], tokens
+
+    original = batch_module.embed_rows
+    batch_module.embed_rows = poisoned
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            bad, good = pool.map(lambda m: bert_client.post("/v1/embeddings", json={"model": m, "input": "hi"}),
+                                 [unique, "base"])
+    finally:
+        batch_module.embed_rows = original
+    assert bad.status_code == 422 and "non-finite" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and None not in good.json()["data"][0]["embedding"]

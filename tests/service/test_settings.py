@@ -87,3 +87,16 @@ def test_keys_are_not_in_the_repr():
     s = Settings(admin_keys=[KEY_A], inference_keys=[KEY_B])
     assert KEY_A not in repr(s) and KEY_B not in repr(s)
     assert s.public_dict()["admin_keys"] == 1 and KEY_A not in str(s.public_dict())
+
+
+def test_empty_store_variable_means_the_default_not_the_current_directory(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LORA_STORE", "")
+    assert Settings().store == Path("store")
+
+
+def test_keys_as_a_json_list(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LORA_ADMIN_KEYS", f'["{KEY_A}", "{KEY_B}"]')
+    assert Settings().admin_keys == [KEY_A, KEY_B]
+    monkeypatch.setenv("LORA_ADMIN_KEYS", f'["{KEY_A}", 5]')
+    with pytest.raises(ValidationError, match="list of strings"):
+        Settings()

@@ -64,6 +64,8 @@ def test_content_type_must_be_multipart_with_a_boundary():
     with pytest.raises(BadRequest):
         content_boundary(_request([], {"content-type": "multipart/form-data"})[0])
     assert content_boundary(_request([], {"content-type": "multipart/form-data; boundary=abc"})[0]) == b"abc"
+    with pytest.raises(BadRequest, match="RFC 2046"):  # python-multipart itself would raise (a 500) past 256
+        content_boundary(_request([], {"content-type": "multipart/form-data; boundary=" + "b" * 300})[0])
 
 
 def test_parse_multipart_fields_and_files():
@@ -112,3 +114,10 @@ def test_wrong_fields_are_400_and_bad_files_422():
         weights_from_form({})
     with pytest.raises(AdapterFormatError):
         weights_from_form({"adapter": (None, b"\x08\0\0\0\0\0\0\0{}")})
+    deep = b"[" * 100_000 + b"]" * 100_000  # json.loads raises RecursionError, not ValueError, on this
+    with pytest.raises(AdapterFormatError, match="nested too deeply"):
+        weights_from_form({"adapter_config.json": (None, b'{"r": 4, "x": ' + deep + b"}"),
+                           "adapter_model.safetensors": (None, to_peft_bytes(make_adapter(BERT_TARGETS))[1])})
+    header = b'{"a": ' + deep + b"}"
+    with pytest.raises(AdapterFormatError, match="nested too deeply"):
+        weights_from_form({"adapter": (None, len(header).to_bytes(8, "little") + header)})

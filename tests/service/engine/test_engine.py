@@ -4,6 +4,7 @@ of adapters shares its batch, and whatever merges and switches happen meanwhile.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -12,10 +13,12 @@ from service.engine import (
     BadRequestError,
     CompletionRequest,
     Engine,
+    EngineBusyError,
     UnknownAdapterError,
     WrongTaskError,
     load_base_model,
 )
+from service.engine.requests import WorkItem
 from tests.service.engine.conftest import DictStore, random_adapter, settings
 
 TEXTS = [["hello world"], ["adapters are small", "a second, longer text in the same request"], ["the fox"],
@@ -200,3 +203,100 @@ def test_a_headless_classify_request_fails_alone_in_its_batch(bert_dir):
     assert isinstance(headless, BadRequestError) and "classifier head" in str(headless)
     for result in (first, second):
         assert len(result.results[0]) == 3 and abs(sum(r["score"] for r in result.results[0]) - 1) < 1e-5
+
+
+def test_a_batch_needing_more_adapters_than_the_device_tier_holds(bert_dir):
+    """Loading the batch's third adapter must not evict the first two that the same forward needs."""
+    engine = make_engine(bert_dir, device_cache_adapters=1)
+    calls = [("a0", ["x"]), ("a1", ["y"]), ("a2", ["z"]), ("base", ["w"])]
+
+    async def main():
+        await engine.start()
+        alone = await _alone(engine, calls)
+        together = await _together(engine, calls)
+        state = await engine.state(fingerprints=False)
+        await engine.stop()
+        return alone, together, state
+
+    alone, together, state = run(main())
+    _close(alone, together)
+    assert len(state["resident_adapters"]) == 1  # back within the bound once the batch is done
+
+
+def test_a_request_after_an_overwrite_never_sees_the_old_weights(bert_dir):
+    """The eviction that follows an overwrite runs before requests gathered into the same batch."""
+    engine = make_engine(bert_dir, max_wait_ms=300)
+    new = random_adapter(engine.base.model, ["query", "value", "dense"], seed=77, rank=2)
+
+    async def main():
+        await engine.start()
+        old = await engine.embed("a0", ["x"])  # a0 is now resident
+        opener = asyncio.ensure_future(engine.embed("a1", ["y"]))  # starts a gather window
+        await asyncio.sleep(0.05)
+        engine.store.items["a0"] = new  # what PUT ?overwrite=true does, then it calls forget()
+        engine.forget("a0")
+        after = await engine.embed("a0", ["x"])
+        await opener
+        await engine.stop()
+        return old, after
+
+    old, after = run(main())
+    fresh = make_engine(bert_dir, n_adapters=0)
+    fresh.store.items["a0"] = new
+
+    async def reference():
+        await fresh.start()
+        result = await fresh.embed("a0", ["x"])
+        await fresh.stop()
+        return result
+
+    _close([after], [run(reference())])
+    assert not np.allclose(np.array(old.embeddings), np.array(after.embeddings), atol=1e-4)
+
+
+def test_auto_policy_serves_an_unmergeable_adapter_unmerged(gpt2_dir):
+    """GPT-2's lm_head is tied to the embeddings: the policy's merge is refused, logged, and the batch runs."""
+    import torch
+
+    import adapters as A
+
+    engine = make_engine(gpt2_dir, merge_policy="auto", merge_window=4, merge_min_dwell=1, max_wait_ms=0)
+    gen = torch.Generator().manual_seed(5)
+    vocab, hidden = engine.base.model.lm_head.weight.shape
+    engine.store.items["tied"] = A.LoraWeights(A.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]),
+                                               {"lm_head": (torch.randn(2, hidden, generator=gen),
+                                                            torch.randn(vocab, 2, generator=gen))})
+    request = CompletionRequest(model="tied", prompt="hello", max_tokens=3, temperature=0)
+
+    async def main():
+        await engine.start()
+        results = [await engine.complete(request) for _ in range(8)]
+        state = await engine.state()
+        await engine.stop()
+        return results, state
+
+    results, state = run(main())
+    assert len({r.choice.text for r in results}) == 1 and results[0].completion_tokens > 0
+    assert state["merged_adapter"] is None and state["merge_policy"]["refused"] == ["tied"]
+    assert state["fingerprint"] == state["pristine_fingerprint"]
+
+
+def test_requests_queued_behind_a_stop_are_answered_not_left_hanging(bert_dir):
+    engine = make_engine(bert_dir)
+
+    async def main():
+        await engine.start()
+        await engine.embed("a0", ["warm"])
+        hold = threading.Event()
+        engine._call_soon(hold.wait)  # keep the loop busy, so the stop and a request queue up behind it
+        stopping = asyncio.ensure_future(engine.stop())
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        item = WorkItem("embed", "a0", ["late"], loop.create_future(), loop)
+        engine._queue.put(item)  # a request that raced the stop
+        hold.set()
+        await stopping
+        return await asyncio.wait_for(asyncio.gather(item.future, return_exceptions=True), 5)
+
+    (late,) = run(main())
+    assert isinstance(late, EngineBusyError) and "shutting down" in str(late)

@@ -116,3 +116,72 @@ def test_a_stream_whose_client_leaves_stops_decoding(gpt2_dir):
     assert full.completion_tokens == 100 and steps_full == 100  # the request alone runs every step
     steps_abandoned = len(calls) - steps_full - 2  # minus the last request's prefill and its one step
     assert steps_abandoned < 50
+
+
+def test_a_long_prompt_with_few_tokens_beside_a_short_prompt_with_many(gpt2_dir):
+    """The long row finishes first but rides along; its positions must not run past the position table."""
+    engine = make_engine(gpt2_dir)
+    tok, limit = engine.base.tokenizer, engine.base.max_length
+    words = 1
+    while len(tok(("hello " * (words + 1)).strip())["input_ids"]) <= limit - 4:
+        words += 1
+    long_prompt = ("hello " * words).strip()
+    long_req = CompletionRequest(model="a0", prompt=long_prompt, max_tokens=2, temperature=0)
+    short_req = CompletionRequest(model="a1", prompt="fox", max_tokens=limit - 8, temperature=0)
+
+    async def main():
+        await engine.start()
+        alone = [await engine.complete(long_req), await engine.complete(short_req)]
+        together = await asyncio.gather(engine.complete(long_req), engine.complete(short_req))
+        await engine.stop()
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert [t.choice.text for t in together] == [a.choice.text for a in alone]
+    assert together[1].completion_tokens + together[0].prompt_tokens > limit  # the case that used to crash
+
+
+def test_a_tiny_temperature_is_greedy_not_nan(gpt2_dir):
+    engine = make_engine(gpt2_dir)
+
+    async def main():
+        await engine.start()
+        greedy = await engine.complete(CompletionRequest(model="a0", prompt="hello", max_tokens=6, temperature=0))
+        tiny = await engine.complete(CompletionRequest(model="a0", prompt="hello", max_tokens=6, temperature=1e-40,
+                                                       seed=1))
+        await engine.stop()
+        return greedy, tiny
+
+    greedy, tiny = asyncio.run(main())
+    assert tiny.choice.text == greedy.choice.text
+
+
+class _Sink:
+    def __init__(self):
+        self.chunks = []
+
+    def push(self, chunk):
+        self.chunks.append(chunk)
+
+
+def test_streamed_text_never_splits_a_character_and_offsets_index_the_text(gpt2_dir):
+    """Byte-level BPE: "é" is two byte tokens; the first alone decodes to U+FFFD, which must not be sent."""
+    from service.base_model import load_base_model
+    from service.engine.generation import _advance, _Row
+
+    tok = load_base_model(str(gpt2_dir), "cpu", "float32").tokenizer
+    text = "fox é and ☃!"
+    ids = tok(text)["input_ids"]
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs tokens that split a character"
+    sink = _Sink()
+    row = _Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids)),
+                                 "push": sink.push})(), 1)
+    for token in ids:
+        _advance(row, token, -0.5, tok, eos=None)
+    streamed = "".join(c.text for c in sink.chunks) + row.text[row.sent:]  # the final chunk sends the rest
+    assert streamed == row.text == text
+    assert all("\ufffd" not in c.text for c in sink.chunks)
+    assert len(row.offsets) == len(ids) and row.offsets == sorted(row.offsets)
+    for offset, token in zip(row.offsets, row.tokens, strict=True):
+        if "\ufffd" not in token:
+            assert text[offset:offset + len(token)] == token

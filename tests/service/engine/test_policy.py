@@ -50,3 +50,16 @@ def test_bad_policy_settings_are_refused():
         MergePolicy("sometimes")
     with pytest.raises(ValueError):
         MergePolicy("auto", enter=0.5, leave=0.7)
+
+
+def test_a_forgotten_adapter_no_longer_counts_and_a_refused_one_is_never_chosen():
+    p = MergePolicy("auto", window=4, min_dwell=0)
+    p.observe(["gone"] * 4)
+    p.forget("gone")
+    assert list(p.recent) == [] and p.decide(None, pinned=False) == (False, None)
+    p.observe(["tied"] * 4)
+    p.refuse("tied")
+    assert p.decide(None, pinned=False) == (False, None)
+    p.forget("tied")  # a new version under that name may merge again
+    p.observe(["tied"] * 4)
+    assert p.decide(None, pinned=False) == (True, "tied")

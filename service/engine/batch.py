@@ -1,0 +1,81 @@
+"""Running one gathered group of requests: admission checks, the forward, and per-request results.
+
+Called by the engine's loop thread, under the engine lock, once the group's adapters are resident and
+the merge policy has run. Every request gets exactly one outcome (a result or an error), and a request
+that cannot run, or whose output is unusable, fails alone rather than taking its batch-mates with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from adapters import LoraModel
+from service.base_model import LoadedBase
+from service.engine.errors import NonFiniteOutputError
+from service.engine.generation import check_generation, generate_batch
+from service.engine.requests import ClassifyResult, EmbedResult, WorkItem
+from service.engine.runner import check_classify, classify_rows, embed_rows
+
+__all__ = ["admissible", "run_batch", "fail_all"]
+
+
+def fail_all(items: list[WorkItem], exc: BaseException) -> None:
+    for item in items:
+        item.push(None)  # ends a stream, if there is one
+        item.fail(exc)
+
+
+def admissible(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> list[WorkItem]:
+    """Per-request checks that depend on the model (context length, classifier head): a request that
+    fails them fails alone, before it can take its batch down with it. Abandoned requests are dropped."""
+    admitted = []
+    for item in items:
+        if item.abandoned:
+            continue
+        try:
+            if item.kind == "generate":
+                check_generation(base, item)
+            elif item.kind == "classify":
+                check_classify(lm, base, item.adapter)
+        except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handler
+            fail_all([item], exc)
+            continue
+        admitted.append(item)
+    return admitted
+
+
+def run_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
+    """One forward (or one decoding loop) for the whole group. An unexpected failure of a text batch
+    reruns its requests one by one, so only the request that causes it gets the error; generation
+    streams as it goes, so its batch cannot be rerun and all of its requests fail."""
+    try:
+        if items[0].kind == "generate":
+            generate_batch(lm, base, items)
+        else:
+            _run_texts(lm, base, items)
+    except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handlers
+        if len(items) == 1 or items[0].kind == "generate":
+            fail_all(items, exc)
+            return
+        for item in items:
+            try:
+                _run_texts(lm, base, [item])
+            except Exception as own:  # noqa: BLE001
+                item.fail(own)
+
+
+def _run_texts(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
+    texts, names, spans = [], [], []
+    for item in items:
+        spans.append((len(texts), len(texts) + len(item.payload)))
+        texts += item.payload
+        names += [item.adapter] * len(item.payload)
+    fn = embed_rows if items[0].kind == "embed" else classify_rows
+    rows, tokens = fn(lm, base, texts, names)  # one forward, row i through adapter names[i]
+    for item, (a, b) in zip(items, spans, strict=True):
+        n = sum(tokens[a:b])
+        values = rows[a:b] if item.kind == "embed" else [[s["score"] for s in r] for r in rows[a:b]]
+        if not all(math.isfinite(v) for row in values for v in row):  # JSON would carry nulls
+            item.fail(NonFiniteOutputError(item.adapter))
+            continue
+        item.resolve(EmbedResult(rows[a:b], n) if item.kind == "embed" else ClassifyResult(rows[a:b], n))

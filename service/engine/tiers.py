@@ -1,0 +1,74 @@
+"""The adapter cache tiers: the store on disk, validated adapters in host RAM, adapters resident on the device.
+
+    store (durable)  ──load + validate──►  HostCache (RAM, LRU by bytes)  ──add──►  resident (LoraModel, LRU)
+                        any thread                                                   loop thread only
+
+`load` may run in worker threads (the host tier has its own lock); `add_resident`, `trim` and `remove`
+change the model, so only the engine's loop thread calls them, under the engine lock. Every tier is
+keyed by name and checked against the store's sha256, so an overwritten adapter is never served stale.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from adapters import LoraModel, LoraWeights, UnknownAdapterError
+from service.base_model import LoadedBase
+from service.engine.cache import HostCache
+
+__all__ = ["AdapterTiers"]
+
+
+class AdapterTiers:
+    def __init__(self, lm: LoraModel, base: LoadedBase, settings: Any, store: Any,
+                 validate: Callable[[LoraWeights], LoraWeights], count: Callable[[str, str], None]) -> None:
+        self.lm, self.base, self.settings, self.store = lm, base, settings, store
+        self._validate, self._count = validate, count
+        self.host = HostCache(settings.host_cache_bytes)
+        self.resident: OrderedDict[str, tuple[str, int]] = OrderedDict()  # name -> (sha256, bytes), LRU order
+
+    def load(self, name: str) -> tuple[str, LoraWeights]:
+        """(sha256, validated weights in the base's dtype), from host RAM or else from the store."""
+        try:
+            record = self.store.get(name)
+        except LookupError as exc:
+            raise UnknownAdapterError(f"adapter {name!r} not found", key=name) from exc
+        cached = self.host.get(name, record.sha256)
+        if cached is not None:
+            self._count("cache_hits", "host")
+            return record.sha256, cached
+        self._count("cache_misses", "host")
+        weights = self._validate(self.store.load_weights(name)).to(dtype=self.base.dtype)
+        self.host.put(name, record.sha256, weights)
+        self._count("adapter_loads", "disk")
+        return record.sha256, weights
+
+    def add_resident(self, name: str) -> None:
+        """Loop thread: make `name` resident on the device (most recently used either way)."""
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            self._count("cache_hits", "device")
+            return
+        self._count("cache_misses", "device")
+        sha, weights = self.load(name)
+        self.lm.add_adapter(name, weights.to(self.base.device), validate=False)
+        self.resident[name] = (sha, weights.nbytes())
+        self._count("adapter_loads", "device")
+
+    def trim(self, protect: set[str]) -> None:
+        """Loop thread: evict least recently used adapters until the device bounds hold, never one in
+        `protect` (the running batch's) nor the merged one."""
+        max_n, max_bytes = self.settings.device_cache_adapters, self.settings.device_cache_bytes
+        for victim in list(self.resident):
+            if len(self.resident) <= max_n and sum(b for _, b in self.resident.values()) <= max_bytes:
+                break
+            if victim not in protect and victim != self.lm.merged_adapter:
+                self.remove(victim)
+
+    def remove(self, name: str) -> None:
+        """Loop thread: take `name` off the device (the caller unmerges it first if it is merged)."""
+        if name in self.resident:
+            self.lm.remove_adapter(name)
+            del self.resident[name]
