@@ -15,13 +15,12 @@ Frobenius error ‖ΔW − ΔW_k‖ / ‖ΔW‖ over all modules.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from adapters.config import LoraConfig
+from adapters.config import LoraConfig, exact_pattern
 from adapters.errors import AdapterError
 from adapters.weights import LoraWeights
 
@@ -53,10 +52,10 @@ def compose(items: Sequence[tuple[LoraWeights, float]], *, rank: int | None = No
         if weights.modules_to_save:
             raise AdapterError("cannot compose adapters that carry modules_to_save (full tensors do not add up)",
                                field="modules_to_save")
-        if not math.isfinite(w):
-            raise AdapterError(f"composition weight {w!r} is not finite", field="weight")
-    if rank is not None and rank <= 0:
-        raise AdapterError(f"rank must be positive, got {rank}", field="rank")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise AdapterError(f"composition weight {w!r} is not a finite number", field="weight")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise AdapterError(f"rank must be a positive integer, got {rank!r}", field="rank")
     paths = sorted({p for weights, _ in items for p in weights.lora})
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     discarded = total = 0.0
@@ -67,6 +66,10 @@ def compose(items: Sequence[tuple[LoraWeights, float]], *, rank: int | None = No
                 a, b = weights.lora[path]
                 a_parts.append(a.float())  # (rᵢ, in)
                 b_parts.append(b.float() * (w * weights.scaling_for(path)))  # (out, rᵢ)
+        if len({a.shape[1] for a in a_parts}) > 1 or len({b.shape[0] for b in b_parts}) > 1:
+            shapes = sorted({(int(b.shape[0]), int(a.shape[1])) for a, b in zip(a_parts, b_parts, strict=True)})
+            raise AdapterError(f"the adapters disagree on the shape (out, in) of {path}: {shapes}; they were made "
+                               "for different base models", key=path)
         a_cat, b_cat = torch.cat(a_parts, 0), torch.cat(b_parts, 1)  # (Σr, in), (out, Σr)
         if not (torch.isfinite(a_cat).all() and torch.isfinite(b_cat).all()):
             raise AdapterError(f"the weighted combination overflows float32 at {path}; use smaller weights",
@@ -86,8 +89,8 @@ def compose(items: Sequence[tuple[LoraWeights, float]], *, rank: int | None = No
     # Scaling 1 everywhere: alpha = r per module, written as exact-path patterns PEFT understands.
     config = LoraConfig(
         r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=paths,
-        rank_pattern={re.escape(p): r for p, r in ranks.items()},
-        alpha_pattern={re.escape(p): float(r) for p, r in ranks.items()},
+        rank_pattern={exact_pattern(p): r for p, r in ranks.items()},
+        alpha_pattern={exact_pattern(p): float(r) for p, r in ranks.items()},
         task_type=items[0][0].config.task_type, base_model_name_or_path=items[0][0].config.base_model_name_or_path,
     )
     err = math.sqrt(discarded / total) if rank is not None and total > 0 else (0.0 if rank is not None else None)

@@ -16,7 +16,7 @@ from typing import Any
 
 from adapters.errors import AdapterFormatError, UnsupportedAdapterError
 
-__all__ = ["LoraConfig", "ALL_LINEAR"]
+__all__ = ["LoraConfig", "ALL_LINEAR", "exact_pattern"]
 
 ALL_LINEAR = "all-linear"
 
@@ -171,6 +171,12 @@ class LoraConfig:
     def target_description(self) -> str:
         t = self.target_modules
         return t if isinstance(t, str) else ",".join(sorted(t))
+
+
+def exact_pattern(module_path: str) -> str:
+    """A rank_pattern/alpha_pattern key matching this one module only: escaped, and anchored so that it does
+    not also match longer paths ending the same way ("fc" would match "blocks.0.fc"). PEFT reads it alike."""
+    return "^" + re.escape(module_path)
 
 
 def _match_pattern(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -56,7 +56,7 @@ def resolve_targets(
             continue
         if isinstance(module, (LoraLinear, SavedModuleWrapper)):
             wrapped.append(name)
-        if not name or name in skip or any(name == s or name.endswith("." + s) for s in saved):
+        if not name or name in skip or any(_within(name, s) for s in saved):
             continue
         if exclude and matches_target(name, exclude):
             continue
@@ -79,6 +79,12 @@ def resolve_targets(
         raise TargetNotFoundError(f"target_modules {targets!r} match no Linear/Conv1D module of the model",
                                   field="target_modules")
     return found
+
+
+def _within(name: str, saved: str) -> bool:
+    """`name` is the module `saved` names (PEFT's suffix rule) or inside it: a head saved whole (RoBERTa's
+    `classifier` holds `dense` and `out_proj`) takes no LoRA anywhere in it."""
+    return re.fullmatch(rf"(.*\.)?{re.escape(saved)}(\..*)?", name) is not None
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adapters.errors import AdapterMismatchError
+
 __all__ = ["LoraLinear", "Router", "is_lora_target_type", "conv1d_type"]
 
 
@@ -159,6 +161,9 @@ class LoraLinear(nn.Module):
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Row i gets s_i·B_i·A_i·x_i with one gather + two batched matmuls, not a loop over adapters."""
+        if x.shape[0] != self._router.row_ids.shape[0]:  # e.g. beam search expanded the batch inside route()
+            raise AdapterMismatchError(f"route() named {self._router.row_ids.shape[0]} rows, but this forward has "
+                                       f"{x.shape[0]}; give one adapter name per row of the batch")
         table, a_stack, b_stack = self._stacks()
         local = table[self._router.row_ids]  # (Bsz,) slot per row; slot 0 = base rows
         # Slot 0 is empty only while nothing is merged here; otherwise base rows must subtract M's branch.

@@ -138,7 +138,7 @@ class LoraModel:
                 param.requires_grad_(False)
             if self.merged_adapter is not None and layer._pristine is None:
                 layer.snapshot_pristine(self.pristine_device)  # a newly wrapped layer is pristine now
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters(remove_duplicate=False))  # a tied lm_head is under its own name
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in weights.modules_to_save.items():
             module_path, _, param = key.rpartition(".")

@@ -15,12 +15,11 @@ Two conventions differ from PEFT's, and from the rest of this library:
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
 
-from adapters.config import LoraConfig
+from adapters.config import LoraConfig, exact_pattern
 from adapters.weights import LoraWeights
 
 __all__ = ["LoRALayer", "LinearWithLoRA", "replace_linear_with_lora", "to_lora_weights"]
@@ -74,7 +73,7 @@ def to_lora_weights(model: nn.Module) -> LoraWeights:
     if not lora:
         raise ValueError("model holds no LinearWithLoRA")
     rank, alpha = next(iter(hyper.values()))
-    odd = {re.escape(n): h for n, h in hyper.items() if h != (rank, alpha)}
+    odd = {exact_pattern(n): h for n, h in hyper.items() if h != (rank, alpha)}
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(lora),
                         rank_pattern={p: r for p, (r, _) in odd.items()},
                         alpha_pattern={p: a for p, (_, a) in odd.items()})

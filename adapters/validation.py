@@ -8,31 +8,40 @@ mapped onto a bare encoder (`encoder...`) and back, via the model's `base_model_
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from adapters.config import LoraConfig
+from adapters.config import LoraConfig, exact_pattern
 from adapters.errors import AdapterFormatError, AdapterMismatchError, AdapterTooLargeError
 from adapters.layer import LoraLinear, is_lora_target_type
+from adapters.saved_modules import SavedModuleWrapper
 from adapters.weights import PREFIX, LoraWeights
 
 __all__ = ["validate_adapter", "resolve_module_path", "base_weight_shape"]
 
 
 def resolve_module_path(model: nn.Module, path: str, modules: dict[str, nn.Module] | None = None) -> str | None:
+    """`path` as a module of `model` (also across a task model's `base_model_prefix`), or None. Paths that
+    reach inside one of our wrappers (`….query.base_layer`) are not the base model's: None too."""
     modules = modules if modules is not None else dict(model.named_modules())
-    if path in modules:
-        return path
+    candidates = [path]
     prefix = getattr(model, "base_model_prefix", "") or ""
     if prefix:
-        if path.startswith(prefix + ".") and path[len(prefix) + 1:] in modules:
-            return path[len(prefix) + 1:]
-        if f"{prefix}.{path}" in modules:
-            return f"{prefix}.{path}"
+        if path.startswith(prefix + "."):
+            candidates.append(path[len(prefix) + 1:])
+        candidates.append(f"{prefix}.{path}")
+    for candidate in candidates:
+        if candidate in modules and not _inside_wrapper(candidate, modules):
+            return candidate
     return None
+
+
+def _inside_wrapper(path: str, modules: dict[str, nn.Module]) -> bool:
+    parts = path.split(".")
+    return any(isinstance(modules.get(".".join(parts[:i])), (LoraLinear, SavedModuleWrapper))
+               for i in range(1, len(parts)))
 
 
 def base_weight_shape(module: nn.Module) -> tuple[int, int]:
@@ -43,11 +52,17 @@ def base_weight_shape(module: nn.Module) -> tuple[int, int]:
     return (int(w.shape[1]), int(w.shape[0])) if isinstance(module, nn.Linear) else (int(w.shape[0]), int(w.shape[1]))
 
 
-def _check_values(key: str, t: torch.Tensor) -> None:
+def _check_values(key: str, t: torch.Tensor, served_dtype: torch.dtype | None = None) -> None:
+    """Floating and finite, also once cast to the dtype it is served in (70000 is finite in fp32, not fp16)."""
     if not t.is_floating_point():
         raise AdapterFormatError(f"{key}: dtype {t.dtype} is not floating point", key=key)
     if not bool(torch.isfinite(t).all()):
         raise AdapterMismatchError(f"{key}: holds NaN or infinite values", key=key)
+    if served_dtype is not None and served_dtype.is_floating_point and t.numel():
+        largest = float(t.detach().abs().max())
+        if largest > torch.finfo(served_dtype).max:
+            raise AdapterMismatchError(f"{key}: values up to {largest:.3g} overflow the base model's {served_dtype}",
+                                       key=key)
 
 
 def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | None = None,
@@ -60,15 +75,22 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
     modules = dict(model.named_modules())
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     pins: dict[str, tuple[str, int]] = {}  # resolved path -> (path as saved, rank)
+    sources: dict[str, str] = {}  # resolved path -> path as saved
     for path, (a, b) in weights.lora.items():
         key_a, key_b = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
         resolved = resolve_module_path(model, path, modules)
         if resolved is None:
             raise AdapterMismatchError(f"{key_a}: the base model has no module {path!r}", key=key_a)
         module = modules[resolved]
+        if isinstance(module, SavedModuleWrapper):
+            raise AdapterMismatchError(f"{key_a}: module {path!r} is replaced whole by a resident adapter's "
+                                       "modules_to_save, so it cannot also take LoRA", key=key_a)
         if not (isinstance(module, LoraLinear) or is_lora_target_type(module)):
             raise AdapterMismatchError(f"{key_a}: module {path!r} is a {type(module).__name__}, not Linear/Conv1D",
                                        key=key_a)
+        if resolved in lora:
+            raise AdapterMismatchError(f"{key_a}: names the same module ({resolved!r}) as "
+                                       f"{PREFIX}{sources[resolved]}.lora_A.weight", key=key_a)
         if a.dim() != 2 or b.dim() != 2:
             raise AdapterMismatchError(f"{key_a}: LoRA matrices must be 2-D", key=key_a)
         rank = int(a.shape[0])
@@ -83,8 +105,8 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
         if rank != expected_rank:
             raise AdapterMismatchError(
                 f"{key_a}: rank {rank} disagrees with the config's r/rank_pattern ({expected_rank})", key=key_a)
-        _check_values(key_a, a)
-        _check_values(key_b, b)
+        _check_values(key_a, a, module.weight.dtype)
+        _check_values(key_b, b, module.weight.dtype)
         if max_delta is not None:
             scaling = abs(weights.config.scaling_for(path, rank))
             bound = scaling * float(b.float().norm(dim=1).max()) * float(a.float().norm(dim=0).max())
@@ -92,10 +114,11 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
                 raise AdapterMismatchError(f"{key_b}: the update s·B·A may reach {bound:.3g} per weight (limit "
                                            f"{max_delta:g}); the adapter is far larger than any trained one", key=key_b)
         lora[resolved] = (a, b)
+        sources[resolved] = path
         if resolved != path:
             pins[resolved] = (path, rank)
     saved: dict[str, torch.Tensor] = {}
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights (lm_head) under every name
     for key, t in weights.modules_to_save.items():
         full_key = PREFIX + key
         _check_values(full_key, t)
@@ -107,9 +130,16 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
                                            "which the base model lacks", key=full_key)
             saved[key] = t
             continue
+        lora_inside = [p for p in lora if p == resolved or p.startswith(resolved + ".")]
+        if lora_inside or isinstance(modules[resolved], LoraLinear):
+            which = f"this adapter's LoRA on {lora_inside[0]!r}" if lora_inside else "a resident adapter's LoRA"
+            raise AdapterMismatchError(f"{full_key}: modules_to_save replaces {resolved!r} whole, which also carries "
+                                       f"{which}; a module takes one or the other", key=full_key)
         target = params.get(f"{resolved}.{param}")
         if target is None:  # the module is already wrapped by another adapter's SavedModuleWrapper
             target = params.get(f"{resolved}.original_module.{param}")
+        if target is not None:
+            _check_values(full_key, t, target.dtype)
         if target is None or target.shape != t.shape:
             shape = None if target is None else tuple(target.shape)
             raise AdapterMismatchError(f"{full_key}: shape {tuple(t.shape)}, base has {shape}", key=full_key)
@@ -140,8 +170,8 @@ def _pin_patterns(config: LoraConfig, pins: dict[str, tuple[str, int]]) -> LoraC
     rank_pins, alpha_pins = {}, {}
     for resolved, (path, rank) in pins.items():
         if config.rank_for(resolved) != rank or config.alpha_for(resolved) != config.alpha_for(path):
-            rank_pins[re.escape(resolved)] = rank
-            alpha_pins[re.escape(resolved)] = config.alpha_for(path)
+            rank_pins[exact_pattern(resolved)] = rank
+            alpha_pins[exact_pattern(resolved)] = config.alpha_for(path)
     if not rank_pins:
         return config
     return replace(config, rank_pattern={**rank_pins, **config.rank_pattern},

@@ -27,9 +27,11 @@ from service.engine.errors import (
 )
 from service.store import NAME_PATTERN, AdapterExistsError
 
-__all__ = ["ServiceError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "PayloadTooLarge",
+__all__ = ["ServiceError", "BadRequest", "Unprocessable", "Unauthorized", "Forbidden", "NotFound", "PayloadTooLarge",
            "UnsupportedMediaType", "NotReady", "error_body", "status_of", "install_error_handlers"]
 
+# pydantic's tags for the branch of a union in an error's loc: "str", "list[str]", "function-after[...]".
+_UNION_TAG = re.compile(r"^(str|int|float|bool|bytes|none|list\[.*\]|dict\[.*\]|[a-z-]+\[.*\])$")
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,10 @@ class ServiceError(Exception):
 
 class BadRequest(ServiceError):
     status, type = 400, "invalid_request_error"
+
+
+class Unprocessable(ServiceError):
+    status, type = 422, "validation_error"
 
 
 class Unauthorized(ServiceError):
@@ -120,11 +126,23 @@ async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+def _field_path(loc: tuple) -> str:
+    """("body", "prompt", "list[str]", 0) -> "prompt.0": no location prefix, no union-branch tags."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(p for p in parts if not _UNION_TAG.match(p))
+
+
 async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {}
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
-    message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
+    if first.get("type") == "json_invalid":  # the body is not JSON: loc holds a character offset, not a field
+        position = first.get("loc", ("body", "?"))[-1]
+        body = {"error": {"message": f"the request body is not valid JSON (at character {position}): "
+                                     f"{first.get('ctx', {}).get('error', first.get('msg'))}",
+                          "type": "validation_error", "key": None}}
+        return JSONResponse(body, status_code=422)
+    loc = _field_path(tuple(first.get("loc", ())))
+    message = "; ".join(f"{_field_path(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors)
     if tuple(first.get("loc", ())) == ("path", "name"):  # the adapter name in the URL
         message = f"invalid adapter name {first.get('input')!r}: it must match {NAME_PATTERN}"
     body = {"error": {"message": message or "invalid request", "type": "validation_error", "key": loc or None}}

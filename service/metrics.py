@@ -17,6 +17,7 @@ __all__ = ["Metrics", "MetricsMiddleware", "CONTENT_TYPE_LATEST"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class Metrics:
@@ -72,6 +73,7 @@ class MetricsMiddleware:
         finally:
             self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"]
+            # A client can send any method name: only the standard ones become label values.
+            method = scope["method"] if scope["method"] in _METHODS else "other"
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.request_seconds.labels(method, route).observe(time.perf_counter() - started)

@@ -44,7 +44,7 @@ async def store_adapter(engine: Engine, store: AdapterStore, metrics: Metrics, n
         raise
     metrics.uploads.labels(outcome="stored").inc()
     if record.version > 1:
-        engine.forget(name)  # an older version may be cached or merged
+        engine.forget(name, replaced=True)  # an older version may be cached or merged (and pinned)
     engine.prefetch(name)
     return record
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from adapters import Footprint
 from service.store import FILENAMES, NAME_PATTERN, AdapterRecord
@@ -113,7 +113,16 @@ class StateResponse(BaseModel):
 
 
 # ------------------------------------------------------------------------------------- OpenAI-compatible inference
+# OpenAI parameters this service does not implement: accepted at their neutral value (clients send some
+# of them by default), refused otherwise, so that a request is never answered as if it had been honoured.
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "echo": (False,), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "stream_options": (None, {}),
+}
+
+
 class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(description="An adapter name, or 'base'")
     prompt: Texts = Field(description="A prompt, or a list of prompts (one choice each)")
     max_tokens: int = Field(16, ge=0, le=8192)
@@ -125,6 +134,22 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     n: Literal[1] = 1
     user: str | None = None
+    echo: bool = Field(False, description="Not supported: only false")
+    best_of: int | None = Field(None, description="Not supported: only 1")
+    suffix: str | None = Field(None, description="Not supported: only null")
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported: only null or {}")
+    presence_penalty: float = Field(0, description="Not supported: only 0")
+    frequency_penalty: float = Field(0, description="Not supported: only 0")
+    stream_options: dict[str, Any] | None = Field(None, description="Not supported: only null")
+
+    @field_validator(*_NEUTRAL)
+    @classmethod
+    def _only_neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        neutral = _NEUTRAL[info.field_name]
+        if value not in neutral:
+            raise ValueError(f"{info.field_name}={value!r} is not supported by this service "
+                             f"(accepted only as {' or '.join(repr(n) for n in neutral)})")
+        return value
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -161,9 +186,11 @@ class CompletionResponse(BaseModel):
 
 
 class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(description="An adapter name, or 'base'")
     input: Texts
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
+    dimensions: int | None = Field(None, ge=1, description="Only the model's own width (no truncation)")
     user: str | None = None
 
 
@@ -181,6 +208,7 @@ class EmbeddingResponse(BaseModel):
 
 
 class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(description="An adapter name, or 'base'")
     input: Texts
 

@@ -107,14 +107,23 @@ class Engine:
         task = loop.create_task(self._ensure_loaded(name))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failed prefetch is not an error
 
-    def forget(self, name: str) -> None:
-        """After delete or overwrite: drop every cached copy (unmerging first if it is merged). The loop
-        runs this before any batch it gathers with it, so no later request sees the old weights."""
+    def forget(self, name: str, *, replaced: bool = False) -> None:
+        """After a delete, or an overwrite (`replaced`): drop every cached copy, unmerging first if it is
+        merged. An overwritten adapter that was pinned merged is merged again in its new version, so the
+        pin holds until an explicit unmerge. The loop runs this before any batch it gathers with it, so
+        no later request sees the old weights."""
         self.host_cache.pop(name)
 
         def drop() -> None:
+            repin = replaced and self.pinned and self.lm.merged_adapter == name
             self.policy.forget(name)  # its past traffic must not make `auto` merge it (or its successor)
             self._evict(name, force=True)
+            if repin:
+                try:
+                    self._set_merged(name, kind="merge")
+                    self.pinned = True
+                except Exception as exc:  # noqa: BLE001 - e.g. the new version cannot merge: served unmerged
+                    log.warning("the new version of pinned adapter %r could not be merged (%s); unpinned", name, exc)
 
         self._call_soon(drop)
 
@@ -195,6 +204,8 @@ class Engine:
         self._check_task(kind)
         adapter = None if model == "base" else model
         await self._ensure_loaded(adapter)
+        if not self.ready:  # stopped while the adapter loaded: nothing would answer a queued item
+            raise EngineBusyError("the service is shutting down")
         loop = asyncio.get_running_loop()
         item = WorkItem(kind, adapter, payload, loop.create_future(), loop, stream)
         self._queue.put(item)

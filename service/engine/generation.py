@@ -6,7 +6,10 @@ shares its batch. Position ids are computed from the attention mask, so left pad
 positions. Every decoding step is one forward for all unfinished rows.
 
 Streaming sends text, not tokens: a byte-level BPE token can end in the middle of a UTF-8 character,
-which decodes to U+FFFD until the next token completes it, so a trailing U+FFFD is held back until then.
+which decodes to U+FFFD until the next token completes it, so a trailing U+FFFD is held back until then;
+so is text that could be the start of a stop string, since a non-streamed answer would cut it. Each
+chunk carries every token generated since the previous one, so streamed logprobs miss none. A row is
+answered as soon as it finishes, even while longer rows of its batch go on decoding.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class _Row:
         self.ids: list[int] = []
         self.text = ""  # the decoded completion so far (cut at a stop string)
         self.sent = 0  # how much of `text` has been streamed
+        self.unsent = 0  # the first token not yet streamed (its text may be held back)
         self.logprobs: list[float] = []
         self.tokens: list[str] = []  # each token's own text
         self.offsets: list[int] = []  # where each token's text starts in `text`
@@ -92,6 +96,8 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
                 token = _sample(logits[i], row.req.temperature, row.req.top_p, row.gen)
                 _advance(row, token, torch.log_softmax(logits[i], -1)[token].item(), tok, eos)
                 next_ids.append(token)
+                if row.finish is not None:  # answered now, not when the batch's longest request ends
+                    _complete(row)
             if all(r.finish is not None for r in rows):
                 break
             step = torch.tensor(next_ids, device=base.device).unsqueeze(1)  # (B, 1)
@@ -103,15 +109,42 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
                              use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1].float()
     for row in rows:
-        if row.finish == "error":
-            continue
         if row.finish is None:
             row.finish = "length"
-        row.item.push(CompletionChunk(row.text[row.sent:], row.finish))  # with any held-back text
-        row.item.push(None)
-        choice = CompletionChoice(row.text, row.finish, row.tokens, row.logprobs if row.req.logprobs else None,
-                                  row.offsets)
-        row.item.resolve(CompletionResult(choice, row.prompt_len, len(row.ids)))
+            _complete(row)
+
+
+def _complete(row: _Row) -> None:
+    """The final chunk (any held-back text and tokens, and the finish reason), then the whole result."""
+    if row.finish in ("error", "abandoned"):
+        return  # already failed, or nobody is waiting
+    row.item.push(_chunk(row, len(row.text), row.finish))
+    row.item.push(None)
+    choice = CompletionChoice(row.text, row.finish, row.tokens, row.logprobs if row.req.logprobs else None,
+                              row.offsets)
+    row.item.resolve(CompletionResult(choice, row.prompt_len, len(row.ids)))
+
+
+def _chunk(row: _Row, upto: int, finish: str | None = None) -> CompletionChunk:
+    """text[sent:upto], with every token generated since the last chunk (their logprobs and offsets)."""
+    tokens, first = row.tokens[row.unsent:], row.unsent
+    chunk = CompletionChunk(row.text[row.sent:upto], finish, tokens,
+                            row.logprobs[first:] if row.req.logprobs else None, row.offsets[first:])
+    row.sent, row.unsent = upto, len(row.tokens)
+    return chunk
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters to keep unsent: an incomplete UTF-8 character (U+FFFD), or the start
+    of a stop string that the next tokens may complete (and that must then never have been sent)."""
+    visible = text.rstrip(_PARTIAL)
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(visible)), hold, -1):
+            if visible.endswith(stop[:k]):
+                hold = k
+                break
+    return len(text) - len(visible) + hold
 
 
 def _advance(row: _Row, token: int, logprob: float, tok, eos: int | None) -> None:
@@ -134,8 +167,7 @@ def _advance(row: _Row, token: int, logprob: float, tok, eos: int | None) -> Non
     row.logprobs.append(logprob)
     if row.finish is None and len(row.ids) >= row.req.max_tokens:
         row.finish = "length"
-    if row.finish is None:  # the final chunk (generate_batch) sends whatever is left
-        visible = len(text.rstrip(_PARTIAL))
+    if row.finish is None:  # the final chunk (_complete) sends whatever is left
+        visible = len(text) - _held_back(text, row.req.stop)
         if visible > row.sent:
-            row.item.push(CompletionChunk(text[row.sent:visible], None, logprob if row.req.logprobs else None))
-            row.sent = visible
+            row.item.push(_chunk(row, visible))

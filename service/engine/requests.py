@@ -48,7 +48,9 @@ class CompletionResult:
 class CompletionChunk:
     text: str
     finish_reason: str | None = None
-    token_logprob: float | None = None
+    tokens: list[str] = field(default_factory=list)  # the tokens generated since the previous chunk
+    token_logprobs: list[float] | None = None  # theirs, when logprobs were asked for
+    text_offsets: list[int] = field(default_factory=list)  # where each token starts in the completion
 
 
 @dataclass

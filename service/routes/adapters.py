@@ -18,7 +18,7 @@ from service.uploads import SINGLE_FIELD, content_boundary, read_adapter_upload
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[RequireAdmin],
-                   responses=error_responses(401, 403))
+                   responses=error_responses(401, 403, 422))  # 422: any invalid path or query parameter
 
 Name = Annotated[str, Path(pattern=NAME_PATTERN, description=f"Adapter name, matching {NAME_PATTERN}")]
 

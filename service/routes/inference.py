@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from service.deps import BaseDep, EngineDep, RequireInference, StoreDep
 from service.engine import CompletionChunk, CompletionResult
 from service.engine import CompletionRequest as EngineCompletion
-from service.errors import BadRequest, error_body
+from service.errors import BadRequest, Unprocessable, error_body
 from service.routes import error_responses
 from service.schemas import (
     Classification,
@@ -86,15 +86,11 @@ def _choice(index: int, result: CompletionResult) -> CompletionChoice:
 
 async def _sse(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], meta: dict) -> AsyncIterator[str]:
     """`data: {...}` per chunk, then `data: [DONE]`; a failure mid-stream is sent as an error event."""
-    offset = 0
-
     def event(chunk: CompletionChunk) -> str:
-        nonlocal offset
         logprobs = None
-        if chunk.token_logprob is not None:
-            logprobs = {"tokens": [chunk.text], "token_logprobs": [chunk.token_logprob], "top_logprobs": None,
-                        "text_offset": [offset]}
-        offset += len(chunk.text)
+        if chunk.token_logprobs is not None:
+            logprobs = {"tokens": chunk.tokens, "token_logprobs": chunk.token_logprobs, "top_logprobs": None,
+                        "text_offset": chunk.text_offsets}
         choice = {"text": chunk.text, "index": 0, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
         return f"data: {json.dumps({**meta, 'choices': [choice]})}\n\n"
 
@@ -110,7 +106,11 @@ async def _sse(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], met
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse, summary="Embed texts (OpenAI-compatible)")
-async def embeddings(body: EmbeddingRequest, engine: EngineDep) -> EmbeddingResponse:
+async def embeddings(body: EmbeddingRequest, engine: EngineDep, base: BaseDep) -> EmbeddingResponse:
+    width = getattr(base.model.config, "hidden_size", None)
+    if body.dimensions is not None and body.dimensions != width:
+        raise Unprocessable(f"dimensions={body.dimensions} is not supported: this model's embeddings have {width} "
+                            "dimensions, and they are not truncated", key="dimensions")
     result = await engine.embed(body.model, _texts(body.input))
     data = [Embedding(index=i, embedding=_encode(e, body.encoding_format)) for i, e in enumerate(result.embeddings)]
     usage = Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)

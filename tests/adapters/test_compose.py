@@ -8,7 +8,7 @@ import pytest
 import torch
 from lora_fixtures import make_gpt2, output, random_weights, tokens
 
-from adapters import AdapterError, LoraModel, LoraWeights, compose, load_peft_dir, save_peft_dir
+from adapters import AdapterError, LoraConfig, LoraModel, LoraWeights, compose, load_peft_dir, save_peft_dir
 
 
 def _delta(weights: LoraWeights, path: str) -> torch.Tensor:
@@ -122,10 +122,41 @@ def test_refusals():
     x = _items()[0][0]
     with pytest.raises(AdapterError, match="at least one"):
         compose([])
-    with pytest.raises(AdapterError, match="not finite"):
+    with pytest.raises(AdapterError, match="not a finite number"):
         compose([(x, float("nan"))])
-    with pytest.raises(AdapterError, match="rank must be positive"):
+    with pytest.raises(AdapterError, match="not a finite number"):
+        compose([(x, "0.5")])
+    with pytest.raises(AdapterError, match="rank must be a positive integer"):
         compose([(x, 1.0)], rank=0)
+    with pytest.raises(AdapterError, match="rank must be a positive integer"):
+        compose([(x, 1.0)], rank=1.5)
+    other = random_weights(make_gpt2(), 3, r=2, target_modules=["c_attn"])
+    path = next(iter(other.lora))
+    a, b = other.lora[path]
+    other.lora[path] = (torch.zeros(2, a.shape[1] + 1), b)  # made for another base model
+    with pytest.raises(AdapterError, match="disagree on the shape") as err:
+        compose([(x, 1.0), (other, 1.0)])
+    assert err.value.key == path
     x.modules_to_save = {"score.weight": torch.zeros(2, 32)}
     with pytest.raises(AdapterError, match="modules_to_save"):
         compose([(x, 1.0)])
+
+
+def test_exact_path_patterns_do_not_match_longer_paths():
+    """A composed adapter on both `fc` and `blocks.0.fc` keeps each module's own rank."""
+    from torch import nn
+
+    from adapters import validate_adapter
+
+    model = nn.Module()
+    model.fc = nn.Linear(4, 4)
+    model.blocks = nn.ModuleList([nn.Module()])
+    model.blocks[0].fc = nn.Linear(4, 4)
+    g = torch.Generator().manual_seed(0)
+    x = LoraWeights(LoraConfig(r=2, target_modules=["fc"]), {"fc": (torch.randn(2, 4, generator=g),
+                                                                    torch.randn(4, 2, generator=g))})
+    y = LoraWeights(LoraConfig(r=3, target_modules=["fc"]), {"blocks.0.fc": (torch.randn(3, 4, generator=g),
+                                                                            torch.randn(4, 3, generator=g))})
+    result = compose([(x, 1.0), (y, 1.0)]).weights
+    assert result.config.rank_for("fc") == 2 and result.config.rank_for("blocks.0.fc") == 3
+    validate_adapter(model, result)  # would fail with "rank 3 disagrees" if `fc` also matched `blocks.0.fc`

@@ -119,3 +119,12 @@ def test_target_that_matches_a_container_is_a_clear_error_not_skipped():
         resolve_targets(make_bert(), ["attention", "query"])
     with pytest.raises(TargetNotFoundError, match=r"BertSelfAttention"):
         resolve_targets(make_bert(), r".*attention\.self(\.query)?")
+
+
+def test_modules_inside_a_saved_head_take_no_lora():
+    """RoBERTa's head holds Linears (classifier.dense, classifier.out_proj): with all-linear they stay out."""
+    from lora_fixtures import make_roberta_cls
+
+    found = resolve_targets(make_roberta_cls(), "all-linear", modules_to_save=["classifier"])
+    assert found and not any(name.startswith("classifier") for name in found)
+    assert "roberta.encoder.layer.0.attention.self.query" in found

@@ -155,3 +155,78 @@ def test_task_model_adapter_on_bare_encoder_keeps_per_module_rank_and_alpha(tmp_
     lm.set_adapter("a")
     torch.testing.assert_close(output(bare, ids), want, atol=1e-5, rtol=0)
     assert set(lm.detached["a"]) == {"classifier.weight", "classifier.bias"}
+
+
+# --------------------------------------------------------------------- paths, ties, dtypes, conflicts
+def test_a_head_saved_on_a_tied_lm_head_loads():
+    """GPT-2's lm_head.weight is the embeddings' weight: named_parameters() lists it only once."""
+    model = make_gpt2()
+    vocab, hidden = model.lm_head.weight.shape
+    w = random_weights(model, 1, r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    w.modules_to_save = {"lm_head.weight": torch.randn(vocab, hidden)}
+    lm = LoraModel(model)
+    lm.add_adapter("x", w)
+    assert "x" not in lm.detached  # applied to the lm_head, not set aside as a detached head
+    ids = tokens()
+    lm.set_adapter("x")
+    logits = output(model, ids)
+    hidden_states = model.transformer(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(logits, hidden_states @ w.modules_to_save["lm_head.weight"].T, atol=1e-5, rtol=1e-5)
+
+
+def test_paths_inside_our_wrappers_are_not_modules_of_the_base():
+    model = make_bert()
+    lm = LoraModel(model)
+    lm.add_adapter("one", random_weights(model, 1, r=2, target_modules=["query"]))
+    inner = random_weights(model, 2, r=2, target_modules=["query"])
+    inner.lora = {f"{p}.base_layer": t for p, t in inner.lora.items()}
+    with pytest.raises(AdapterMismatchError, match="has no module"):
+        lm.add_adapter("two", inner)
+
+
+def test_two_keys_naming_one_module_are_refused():
+    """`bert.encoder…` (saved from a task model) and `encoder…` resolve to the same layer of a bare encoder."""
+    model = make_bert()
+    w = random_weights(model, 1, r=2, target_modules=["query"])
+    path, pair = next(iter(w.lora.items()))
+    w.lora[f"bert.{path}"] = pair
+    with pytest.raises(AdapterMismatchError, match="names the same module"):
+        validate_adapter(model, w)
+
+
+def test_values_that_overflow_the_served_dtype_are_refused():
+    model = make_bert(dtype=torch.float16)
+    w = random_weights(model, 1, r=2, target_modules=["query"])
+    path = next(iter(w.lora))
+    a, b = w.lora[path]
+    w.lora[path] = (a, b * 0 + 7e4)  # finite in float32, inf in float16
+    with pytest.raises(AdapterMismatchError, match="overflow the base model's torch.float16"):
+        validate_adapter(model, w)
+
+
+def test_lora_and_modules_to_save_on_one_module_are_refused():
+    model = make_bert_cls()
+    both = random_weights(model, 1, r=2, target_modules=["classifier"], modules_to_save=["classifier"])
+    both.modules_to_save = {"classifier.weight": torch.randn(3, 32), "classifier.bias": torch.zeros(3)}
+    with pytest.raises(AdapterMismatchError, match="one or the other"):
+        validate_adapter(model, both)
+    # across two resident adapters, in either order
+    lora_on_head = random_weights(model, 2, r=2, target_modules=["classifier"])
+    head = random_weights(model, 3, r=2, target_modules=["query"], modules_to_save=["classifier"])
+    head.modules_to_save = dict(both.modules_to_save)
+    lm = LoraModel(model)
+    lm.add_adapter("lora", lora_on_head)
+    with pytest.raises(AdapterMismatchError, match="one or the other"):
+        lm.add_adapter("head", head)
+    lm.remove_adapter("lora")
+    lm.add_adapter("head", head)
+    with pytest.raises(AdapterMismatchError, match="replaced whole"):
+        lm.add_adapter("lora", lora_on_head)
+
+
+def test_route_with_the_wrong_number_of_rows_is_a_clear_error():
+    model = make_bert()
+    lm = LoraModel(model)
+    lm.add_adapter("a", random_weights(model, 1, r=2, target_modules=["query"]))
+    with pytest.raises(AdapterMismatchError, match="route\\(\\) named 2 rows"), lm.route(["a", None]):
+        output(model, tokens(batch=3))

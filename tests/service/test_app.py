@@ -55,3 +55,9 @@ def test_openapi_describes_routes_bodies_and_errors(bert_client: TestClient):
         "/ComposeRequest")
     assert "bearer" in str(schema["components"]["securitySchemes"]).lower()
     assert "404" in paths["/v1/embeddings"]["post"]["responses"]
+    # every 422 is described as the service's own error body, never FastAPI's {"detail": [...]}
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if "422" in operation.get("responses", {}):
+                ref = operation["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.endswith("/ErrorResponse"), (method, path)

@@ -55,3 +55,11 @@ def test_requests_loads_and_merges_are_counted(bert_client: TestClient, unique: 
     assert samples[("lora_merged", ())] == 0
     assert samples[("lora_http_request_seconds_count", (("method", "POST"), ("route", "/v1/embeddings")))] >= 1
     assert samples[("lora_batch_size_count", ())] >= 1
+
+
+def test_client_chosen_methods_do_not_become_label_values(bert_client: TestClient):
+    for i in range(3):
+        bert_client.request(f"BREW{i}", "/healthz")
+    samples = _samples(bert_client.get("/metrics").text)
+    methods = {dict(labels).get("method") for _, labels in samples if dict(labels).get("method")}
+    assert not any(m.startswith("BREW") for m in methods) and "other" in methods

@@ -198,3 +198,18 @@ def test_compose_errors_change_nothing(bert_client: TestClient, unique: str, cas
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]
     assert bert_client.app.state.store.count() == count
+
+
+def test_overwriting_a_pinned_merged_adapter_keeps_it_merged_in_its_new_version(bert_client: TestClient, unique: str):
+    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=31))
+    old = bert_client.post(f"/v1/adapters/{unique}/merge").json()
+    try:
+        r = bert_client.put(f"/v1/adapters/{unique}?overwrite=true", files=peft_files(make_adapter(BERT_TARGETS,
+                                                                                                  seed=32)))
+        assert r.status_code == 201 and r.json()["version"] == 2
+        state = bert_client.get("/v1/state").json()
+        assert state["merged_adapter"] == unique and state["pinned"]
+        assert state["fingerprint"] not in (old["fingerprint"], state["pristine_fingerprint"])  # the new version
+    finally:
+        bert_client.post("/v1/unmerge")
+    assert bert_client.get("/v1/state").json()["fingerprint"] == old["pristine_fingerprint"]

@@ -185,3 +185,72 @@ def test_streamed_text_never_splits_a_character_and_offsets_index_the_text(gpt2_
     for offset, token in zip(row.offsets, row.tokens, strict=True):
         if "\ufffd" not in token:
             assert text[offset:offset + len(token)] == token
+
+
+def test_streams_match_the_plain_answer_with_stop_strings_and_logprobs(gpt2_dir):
+    """A stop string spanning several tokens must not leak its first part into the stream, and every
+    token's logprob reaches the stream, including the last one and ones whose text was held back."""
+    engine = make_engine(gpt2_dir)
+
+    async def collect(req):
+        chunks = [c async for c in engine.stream(req)]
+        return ("".join(c.text for c in chunks), [t for c in chunks for t in c.tokens],
+                [lp for c in chunks for lp in (c.token_logprobs or [])], chunks[-1].finish_reason)
+
+    async def main():
+        await engine.start()
+        free = await engine.complete(CompletionRequest(model="a0", prompt="the quick", max_tokens=12, temperature=0))
+        text = free.choice.text
+        stops = [text[i:i + 4] for i in range(1, len(text) - 4, 3)] + ["zzzz"]
+        pairs = []
+        for stop in stops:
+            req = dict(model="a0", prompt="the quick", max_tokens=12, temperature=0, stop=[stop], logprobs=True)
+            pairs.append((await engine.complete(CompletionRequest(**req)),
+                          await collect(CompletionRequest(**req, stream=True))))
+        await engine.stop()
+        return pairs
+
+    pairs = asyncio.run(main())
+    assert len(pairs) > 2
+    for plain, (text, tokens, logprobs, finish) in pairs:
+        assert text == plain.choice.text and finish == plain.choice.finish_reason
+        assert tokens == plain.choice.tokens and logprobs == pytest.approx(plain.choice.token_logprobs)
+
+
+def test_a_short_request_is_answered_before_its_long_batch_mate_ends(gpt2_dir):
+    engine = make_engine(gpt2_dir, max_wait_ms=200)
+
+    async def main():
+        await engine.start()
+        short = asyncio.ensure_future(engine.complete(CompletionRequest(model="a0", prompt="hi", max_tokens=1)))
+        long = asyncio.ensure_future(engine.complete(CompletionRequest(model="a1", prompt="hi", max_tokens=100,
+                                                                       temperature=0)))
+        done, _ = await asyncio.wait({short, long}, return_when=asyncio.FIRST_COMPLETED)
+        long_pending = not long.done()
+        await long
+        await engine.stop()
+        return done, short, long_pending, long.result()
+
+    done, short, long_pending, long_result = asyncio.run(main())
+    assert done == {short} and long_pending
+    assert short.result().completion_tokens == 1 and long_result.completion_tokens == 100
+
+
+def test_a_request_that_races_a_stop_is_refused_not_left_waiting(gpt2_dir):
+    from service.engine import EngineBusyError
+
+    engine = make_engine(gpt2_dir)
+
+    async def main():
+        await engine.start()
+
+        async def load_then_stop(name):  # the service stops while the adapter is being read
+            engine.ready = False
+
+        engine._ensure_loaded = load_then_stop
+        with pytest.raises(EngineBusyError, match="shutting down"):
+            await engine.complete(CompletionRequest(model="a0", prompt="hi", max_tokens=1))
+        engine.ready = True
+        await engine.stop()
+
+    asyncio.run(main())
