@@ -164,6 +164,8 @@ class LoraLinear(nn.Module):
         if x.shape[0] != self._router.row_ids.shape[0]:  # e.g. beam search expanded the batch inside route()
             raise AdapterMismatchError(f"route() named {self._router.row_ids.shape[0]} rows, but this forward has "
                                        f"{x.shape[0]}; give one adapter name per row of the batch")
+        if self._needs_autograd():
+            return self._grouped_forward(x, result)
         table, a_stack, b_stack = self._stacks()
         local = table[self._router.row_ids]  # (Bsz,) slot per row; slot 0 = base rows
         # Slot 0 is empty only while nothing is merged here; otherwise base rows must subtract M's branch.
@@ -179,6 +181,29 @@ class LoraLinear(nn.Module):
         # result + h @ Bᵀ in one call: (Bsz, T, out) + (Bsz, T, R) @ (Bsz, R, out)
         out = torch.baddbmm(result.reshape(bsz, -1, self.out_features), h, b_rows.transpose(1, 2))
         return out.reshape(result.shape)
+
+    def _needs_autograd(self) -> bool:
+        """The stacked tables are detached copies without dropout: fine for serving, wrong for training."""
+        if self.training and any(not isinstance(d, nn.Identity) for d in self.lora_dropout.values()):
+            return True
+        return torch.is_grad_enabled() and any(p.requires_grad for pair in self._ab.values() for p in pair)
+
+    def _grouped_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Training under route(): one branch per adapter over its own rows, with dropout and gradients."""
+        groups: dict[str | None, list[int]] = {}
+        for i, name in enumerate(self._router.row_names or []):
+            groups.setdefault(name if name in self._ab else None, []).append(i)
+        merged = self.merged_adapter
+        delta = torch.zeros_like(result)  # (Bsz, …, out)
+        for name, rows in groups.items():
+            if name == merged:
+                continue  # already in W
+            idx = torch.tensor(rows, device=x.device)
+            d = self._branch(x[idx], name) if name is not None else 0
+            if merged is not None:
+                d = d + self._branch(x[idx], merged, sign=-1.0)
+            delta = delta.index_add(0, idx, d.to(result.dtype))
+        return result + delta
 
     def _stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked (slots, R, in) and (slots, out, R) tables, rebuilt only when adapters or merge change.

@@ -75,7 +75,9 @@ def _run_texts(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
     for item, (a, b) in zip(items, spans, strict=True):
         n = sum(tokens[a:b])
         values = rows[a:b] if item.kind == "embed" else [[s["score"] for s in r] for r in rows[a:b]]
-        if not all(math.isfinite(v) for row in values for v in row):  # JSON would carry nulls
+        # A sum is NaN or infinite if any term is (these are bounded: unit vectors, probabilities), and it is
+        # one C loop per row rather than a Python one per value. JSON would carry nulls for them.
+        if not all(math.isfinite(sum(row)) for row in values):
             item.fail(NonFiniteOutputError(item.adapter))
             continue
         item.resolve(EmbedResult(rows[a:b], n) if item.kind == "embed" else ClassifyResult(rows[a:b], n))

@@ -454,3 +454,29 @@ def test_an_add_that_fails_halfway_leaves_no_trace(monkeypatch):
     assert "x" not in lm.configs and lm.lora_layers() == {}
     assert dict(model.named_modules()) == modules
     _assert_equal_params(model, before)
+
+
+def test_route_while_training_keeps_gradients_and_dropout():
+    """The stacked gather path is for serving; a routed forward in training goes per adapter instead."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4))
+    lm = LoraModel(base)
+    lm.add_trainable_adapter("a", LoraConfig(r=2, lora_alpha=4, target_modules=["0"], lora_dropout=0.5))
+    lm.add_trainable_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    with torch.no_grad():
+        for p in lm.trainable_parameters("a") + lm.trainable_parameters("b"):
+            p.normal_()
+    x = torch.randn(3, 4)
+    base.eval()
+    with lm.route(["a", None, "b"]):
+        out = base(x)
+    out.sum().backward()
+    a_params, b_params = lm.trainable_parameters("a"), lm.trainable_parameters("b")
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in a_params + b_params)
+    for name, row in (("a", 0), ("b", 2)):  # each row exactly its own adapter (eval: no dropout)
+        lm.set_adapter(name)
+        torch.testing.assert_close(out[row], base(x[row:row + 1])[0])
+    base.train()
+    with lm.route(["a"] * 3):
+        noisy = [base(x) for _ in range(2)]
+    assert not torch.equal(noisy[0], noisy[1])  # a's dropout is live
