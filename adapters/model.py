@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from adapters.config import LoraConfig
-from adapters.errors import MergeError, UnknownAdapterError
+from adapters.errors import AdapterMismatchError, MergeError, UnknownAdapterError
 from adapters.injection import resolve_targets, set_submodule
 from adapters.layer import LoraLinear, Router
 from adapters.saved_modules import SavedModuleWrapper
 from adapters.validation import validate_adapter
-from adapters.weights import LoraWeights
+from adapters.weights import PREFIX, LoraWeights
 
 __all__ = ["LoraModel"]
 
@@ -119,6 +119,7 @@ class LoraModel:
         """Make `weights` resident under `name`. Validation runs first, so a bad adapter changes nothing."""
         if validate:
             weights = validate_adapter(self.model, weights, max_rank=self.max_rank, allow_detached=allow_detached)
+        self._check_conflicts(weights)  # with the adapters resident now, even when validated elsewhere
         self._register(name, weights.config)
         try:
             self._install(name, weights)
@@ -126,6 +127,26 @@ class LoraModel:
             self.remove_adapter(name)  # e.g. out of device memory halfway: no half-added adapter stays
             raise
         return weights
+
+    def _check_conflicts(self, weights: LoraWeights) -> None:
+        """A module takes LoRA or is replaced whole (modules_to_save), never both across resident adapters."""
+        for path in weights.lora:
+            if isinstance(self._module_or_none(path), SavedModuleWrapper):
+                raise AdapterMismatchError(f"{PREFIX}{path}.lora_A.weight: module {path!r} is replaced whole by a "
+                                           "resident adapter's modules_to_save, so it cannot also take LoRA",
+                                           key=f"{PREFIX}{path}.lora_A.weight")
+        for key in weights.modules_to_save:
+            module_path = key.rpartition(".")[0]
+            if isinstance(self._module_or_none(module_path), LoraLinear):
+                raise AdapterMismatchError(f"{PREFIX}{key}: modules_to_save replaces {module_path!r} whole, which "
+                                           "also carries a resident adapter's LoRA; a module takes one or the other",
+                                           key=PREFIX + key)
+
+    def _module_or_none(self, path: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
 
     def _install(self, name: str, weights: LoraWeights) -> None:
         ref = next(p for p in self.model.parameters())

@@ -9,6 +9,7 @@ mapped onto a bare encoder (`encoder...`) and back, via the model's `base_model_
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -19,7 +20,20 @@ from adapters.layer import LoraLinear, is_lora_target_type
 from adapters.saved_modules import SavedModuleWrapper
 from adapters.weights import PREFIX, LoraWeights
 
-__all__ = ["validate_adapter", "resolve_module_path", "base_weight_shape"]
+__all__ = ["validate_adapter", "resolve_module_path", "base_weight_shape", "ModelIndex", "model_index"]
+
+
+class ModelIndex(NamedTuple):
+    """The module tree and parameters of a model, by name: what validation reads of it."""
+
+    modules: dict[str, nn.Module]
+    params: dict[str, torch.Tensor]
+
+
+def model_index(model: nn.Module) -> ModelIndex:
+    """A snapshot of `model`'s tree. Taken before any adapter is added, it lets other threads validate
+    while the owner of the model wraps and unwraps layers (walking the live tree then would race it)."""
+    return ModelIndex(dict(model.named_modules()), dict(model.named_parameters(remove_duplicate=False)))
 
 
 def resolve_module_path(model: nn.Module, path: str, modules: dict[str, nn.Module] | None = None) -> str | None:
@@ -66,13 +80,16 @@ def _check_values(key: str, t: torch.Tensor, served_dtype: torch.dtype | None = 
 
 
 def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | None = None,
-                     allow_detached: bool = False, max_delta: float | None = None) -> LoraWeights:
+                     allow_detached: bool = False, max_delta: float | None = None,
+                     index: ModelIndex | None = None) -> LoraWeights:
     """Returns the weights with module paths resolved against `model`; raises naming the bad key.
 
     `allow_detached` keeps modules_to_save tensors whose module the model lacks (a classifier head
     served on a bare encoder); otherwise they are an error. `max_delta` bounds the entries of s·B·A
-    (checked through |s|·max_i‖B_i‖·max_j‖A_:j‖, which is ≥ every entry, without forming the product)."""
-    modules = dict(model.named_modules())
+    (checked through |s|·max_i‖B_i‖·max_j‖A_:j‖, which is ≥ every entry, without forming the product).
+    `index` (see `model_index`) is read instead of the live tree."""
+    index = index if index is not None else model_index(model)
+    modules = index.modules
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     pins: dict[str, tuple[str, int]] = {}  # resolved path -> (path as saved, rank)
     sources: dict[str, str] = {}  # resolved path -> path as saved
@@ -118,7 +135,7 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
         if resolved != path:
             pins[resolved] = (path, rank)
     saved: dict[str, torch.Tensor] = {}
-    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights (lm_head) under every name
+    params = index.params  # with remove_duplicate=False: tied weights (lm_head) under every name
     for key, t in weights.modules_to_save.items():
         full_key = PREFIX + key
         _check_values(full_key, t)

@@ -23,8 +23,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from adapters import LoraModel, LoraWeights, MergeError, validate_adapter
+from adapters.validation import model_index
 from service.base_model import LoadedBase
-from service.engine.batch import admissible, fail_all, run_batch
+from service.engine.batch import admissible, run_batch
 from service.engine.errors import BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.fingerprint import fingerprint
 from service.engine.policy import MergePolicy
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, base: LoadedBase, settings: Any, store: Any, metrics: Any = None) -> None:
         self.base, self.settings, self.store, self.metrics = base, settings, store, metrics
+        self.index = model_index(base.model)  # the bare base's tree, for validation in any thread
         self.lm = LoraModel(base.model, max_rank=settings.max_rank)
         self.lock = threading.RLock()
         self.tiers = AdapterTiers(self.lm, base, settings, store, self.validate, self._count)
@@ -85,19 +87,22 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
     def validate(self, weights: LoraWeights) -> LoraWeights:
+        """Against the bare base (a snapshot: the loop thread may be wrapping layers meanwhile). Conflicts
+        with the adapters resident at the time are checked when one is added, on the loop thread."""
         return validate_adapter(self.base.model, weights, max_rank=self.settings.max_rank,
-                                allow_detached=self.base.task != "classify", max_delta=MAX_DELTA)
+                                allow_detached=self.base.task != "classify", max_delta=MAX_DELTA, index=self.index)
 
-    async def _ensure_loaded(self, name: str | None) -> None:
-        """Bring `name` into host RAM off the loop thread; concurrent callers share one load."""
+    async def _ensure_loaded(self, name: str | None) -> tuple[str, LoraWeights] | None:
+        """Read and validate `name` off the loop thread (concurrent callers share one load), so the loop
+        never waits for the disk; None when it is resident already (or for the base)."""
         if name is None or name in self.resident:
-            return
+            return None
         fut = self._loads.get(name)
         if fut is None:
             fut = asyncio.ensure_future(asyncio.to_thread(self.tiers.load, name))
             self._loads[name] = fut
             fut.add_done_callback(lambda _f, n=name: self._loads.pop(n, None))
-        await asyncio.shield(fut)
+        return await asyncio.shield(fut)
 
     def prefetch(self, name: str) -> None:
         try:
@@ -143,23 +148,26 @@ class Engine:
         self.tiers.remove(name)
 
     # ------------------------------------------------------------------ merge
-    def _set_merged(self, name: str | None, kind: str) -> None:
+    def _set_merged(self, name: str | None, kind: str, *, protect: frozenset[str] = frozenset(),
+                    preloaded: tuple[str, LoraWeights] | None = None) -> None:
+        """Loop thread: merge `name` (None: unmerge), keeping `protect` (the running batch's adapters) resident."""
         with self.lock:
             if name is None:
                 self.lm.unmerge()
             else:
-                self._make_resident({name})
+                self.tiers.add_resident(name, preloaded)
+                self.tiers.trim(protect=protect | {name})
                 self.lm.merge(name)
         if self.metrics is not None:
             self.metrics.merges.labels(kind=kind).inc()
             self.metrics.merge_mode.set(0 if name is None else 1)
 
     async def merge(self, name: str) -> dict:
-        await self._ensure_loaded(name)
+        preloaded = await self._ensure_loaded(name)
 
         def do() -> None:
             kind = "switch" if self.lm.merged_adapter not in (None, name) else "merge"
-            self._set_merged(name, kind)
+            self._set_merged(name, kind, preloaded=preloaded)
             self.pinned = True
 
         await self._call(do)
@@ -203,11 +211,11 @@ class Engine:
             raise EngineBusyError("the engine is not ready")
         self._check_task(kind)
         adapter = None if model == "base" else model
-        await self._ensure_loaded(adapter)
+        preloaded = await self._ensure_loaded(adapter)
         if not self.ready:  # stopped while the adapter loaded: nothing would answer a queued item
             raise EngineBusyError("the service is shutting down")
         loop = asyncio.get_running_loop()
-        item = WorkItem(kind, adapter, payload, loop.create_future(), loop, stream)
+        item = WorkItem(kind, adapter, payload, loop.create_future(), loop, stream, preloaded=preloaded)
         self._queue.put(item)
         return item.future
 
@@ -240,6 +248,8 @@ class Engine:
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the loop thread, between batches, and await its result."""
+        if not self.ready:  # before start or after stop, nothing would run it
+            raise EngineBusyError("the engine is not running")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         item = WorkItem("control", None, fn, fut, loop)
@@ -301,16 +311,14 @@ class Engine:
     def _run_group(self, items: list[WorkItem]) -> None:
         started = time.perf_counter()
         with self.lock:
-            items = admissible(self.lm, self.base, self._residents_for(items))
-            if not items:
-                return
             try:
+                items = admissible(self.lm, self.base, self._residents_for(items))
+                if not items:
+                    return
                 self._apply_policy(items)
-            except Exception as exc:  # noqa: BLE001 - e.g. the merged adapter's store entry vanished
-                fail_all(items, exc)
-            else:
                 run_batch(self.lm, self.base, items)
-            self.tiers.trim(protect=set())  # a batch may overshoot the bounds; not beyond it
+            finally:
+                self.tiers.trim(protect=set())  # a batch may overshoot the bounds; not beyond it
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(items))
             self.metrics.forward_seconds.observe(time.perf_counter() - started)
@@ -319,10 +327,11 @@ class Engine:
         """Make every adapter of the batch resident at once (so loading one cannot evict another that the
         batch needs); a request whose adapter vanished (deleted meanwhile) fails alone, the rest runs."""
         failed: dict[str, Exception] = {}
-        names = set(dict.fromkeys(i.adapter for i in items if i.adapter is not None))
+        preloaded = {i.adapter: i.preloaded for i in items if i.adapter is not None}
+        names = set(preloaded)
         for name in names:
             try:
-                self.tiers.add_resident(name)
+                self.tiers.add_resident(name, preloaded[name])
             except Exception as exc:  # noqa: BLE001
                 failed[name] = exc
         self.tiers.trim(protect=names)
@@ -333,21 +342,25 @@ class Engine:
         return [i for i in items if i.adapter not in failed]
 
     def _apply_policy(self, items: list[WorkItem]) -> None:
+        """Merge or unmerge as the policy says. Advisory: a merge that fails leaves the batch to run
+        unmerged (exact either way); only adapters the batch names or that are resident are merged."""
         adapters = [i.adapter for i in items]
+        batch = frozenset(a for a in adapters if a is not None)
         if self.policy.mode == "always" and not self.pinned:
             target = adapters[0]
             change = self.lm.merged_adapter != target and target not in self.policy.refused
         else:
             self.policy.observe(adapters)
             change, target = self.policy.decide(self.lm.merged_adapter, self.pinned)
-        if not change:
+        if not change or (target is not None and target not in batch and target not in self.resident):
             return
         kind = "unmerge" if target is None else ("switch" if self.lm.merged_adapter else "merge")
         try:
-            self._set_merged(target, kind)
-        except MergeError as exc:  # e.g. a tied or overflowing weight: serve it unmerged, never fail the batch
-            self.policy.refuse(target)
-            log.warning("%s merge policy: not merging %r (%s); it is served unmerged", self.policy.mode, target, exc)
+            self._set_merged(target, kind, protect=batch)
+        except Exception as exc:  # noqa: BLE001 - never fail the batch for the policy's sake
+            if isinstance(exc, MergeError):  # tied or overflowing weights: it will never merge
+                self.policy.refuse(target)
+            log.warning("%s merge policy: not merging %r (%s); serving unmerged", self.policy.mode, target, exc)
 
     def _count(self, metric: str, tier: str) -> None:
         if self.metrics is not None:

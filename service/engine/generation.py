@@ -53,6 +53,7 @@ class _Row:
         self.tokens: list[str] = []  # each token's own text
         self.offsets: list[int] = []  # where each token's text starts in `text`
         self.finish: str | None = None if req.max_tokens > 0 else "length"
+        self.answered = False
 
 
 def check_generation(base: LoadedBase, item: WorkItem) -> None:
@@ -108,16 +109,17 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
             out = base.model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=past,
                              use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1].float()
-    for row in rows:
+    for row in rows:  # what is left: rows that ran to the end, and rows that never ran (max_tokens=0)
         if row.finish is None:
             row.finish = "length"
-            _complete(row)
+        _complete(row)
 
 
 def _complete(row: _Row) -> None:
     """The final chunk (any held-back text and tokens, and the finish reason), then the whole result."""
-    if row.finish in ("error", "abandoned"):
-        return  # already failed, or nobody is waiting
+    if row.answered or row.finish in ("error", "abandoned"):
+        return  # answered already, failed, or nobody is waiting
+    row.answered = True
     row.item.push(_chunk(row, len(row.text), row.finish))
     row.item.push(None)
     choice = CompletionChoice(row.text, row.finish, row.tokens, row.logprobs if row.req.logprobs else None,

@@ -1,7 +1,7 @@
 """What crosses from the HTTP handlers to the batching loop, and what comes back.
 
-A handler builds a `WorkItem` and awaits its future; the loop thread fills it in. Nothing here holds
-tensors, so handlers never touch the model.
+A handler builds a `WorkItem` and awaits its future; the loop thread fills it in. Handlers never touch
+the model; the only tensors here are an adapter's, loaded and validated before the item is queued.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     stream_queue: asyncio.Queue | None = None  # generation with stream=True
     enqueued_at: float = field(default_factory=time.perf_counter)
+    # (sha256, weights) of the adapter as read off the loop thread, in case the host tier dropped it since
+    preloaded: tuple[str, Any] | None = None
 
     @property
     def abandoned(self) -> bool:

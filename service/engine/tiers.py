@@ -29,8 +29,9 @@ class AdapterTiers:
         self.host = HostCache(settings.host_cache_bytes)
         self.resident: OrderedDict[str, tuple[str, int]] = OrderedDict()  # name -> (sha256, bytes), LRU order
 
-    def load(self, name: str) -> tuple[str, LoraWeights]:
-        """(sha256, validated weights in the base's dtype), from host RAM or else from the store."""
+    def load(self, name: str, preloaded: tuple[str, LoraWeights] | None = None) -> tuple[str, LoraWeights]:
+        """(sha256, validated weights in the base's dtype): from host RAM, or the copy a request loaded off
+        the loop thread (`preloaded`) if it is still the stored version, or else from the store."""
         try:
             record = self.store.get(name)
         except LookupError as exc:
@@ -39,20 +40,22 @@ class AdapterTiers:
         if cached is not None:
             self._count("cache_hits", "host")
             return record.sha256, cached
+        if preloaded is not None and preloaded[0] == record.sha256:
+            return preloaded
         self._count("cache_misses", "host")
         weights = self._validate(self.store.load_weights(name)).to(dtype=self.base.dtype)
         self.host.put(name, record.sha256, weights)
         self._count("adapter_loads", "disk")
         return record.sha256, weights
 
-    def add_resident(self, name: str) -> None:
+    def add_resident(self, name: str, preloaded: tuple[str, LoraWeights] | None = None) -> None:
         """Loop thread: make `name` resident on the device (most recently used either way)."""
         if name in self.resident:
             self.resident.move_to_end(name)
             self._count("cache_hits", "device")
             return
         self._count("cache_misses", "device")
-        sha, weights = self.load(name)
+        sha, weights = self.load(name, preloaded)
         self.lm.add_adapter(name, weights.to(self.base.device), validate=False)
         self.resident[name] = (sha, weights.nbytes())
         self._count("adapter_loads", "device")

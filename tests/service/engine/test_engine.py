@@ -300,3 +300,104 @@ def test_requests_queued_behind_a_stop_are_answered_not_left_hanging(bert_dir):
 
     (late,) = run(main())
     assert isinstance(late, EngineBusyError) and "shutting down" in str(late)
+
+
+def test_auto_policy_never_evicts_the_running_batchs_adapters(bert_dir):
+    """With room for one resident adapter, a policy merge of the hot a0 must not evict a1 mid-batch."""
+    engine = make_engine(bert_dir, merge_policy="auto", merge_window=10, merge_min_dwell=1, device_cache_adapters=1,
+                         max_wait_ms=0)
+
+    async def main():
+        await engine.start()
+        for _ in range(9):
+            await engine.embed("a0", ["hot"])
+        result = await engine.embed("a1", ["cold"])
+        await engine.stop()
+        return result
+
+    assert len(run(main()).embeddings[0]) == 32
+
+
+def test_a_policy_merge_that_fails_to_load_does_not_fail_the_batch(bert_dir):
+    """The window [a0 x 9, a1] makes `auto` want a0 merged, but a0 was evicted and its store read fails."""
+    engine = make_engine(bert_dir, merge_policy="auto", merge_window=10, merge_min_dwell=1, max_wait_ms=0)
+    load = engine.store.load_weights
+
+    async def main():
+        await engine.start()
+        for _ in range(9):
+            await engine.embed("a0", ["hot"])
+        await engine._call(lambda: engine.tiers.remove("a0"))  # a0 must be read again for the merge...
+        engine.host_cache.pop("a0")
+        engine.store.load_weights = lambda name: (_ for _ in ()).throw(OSError("disk error")) if name == "a0" \
+            else load(name)  # ...and the disk fails
+        result = await engine.embed("a1", ["unrelated"])
+        await engine.stop()
+        return result
+
+    assert len(run(main()).embeddings[0]) == 32
+
+
+def test_the_loop_thread_never_reads_the_store(bert_dir):
+    """Even with no host tier, a cold adapter is read once, off the loop, and handed to it."""
+    engine = make_engine(bert_dir, host_cache_bytes=0)
+    calls = []
+    load = engine.store.load_weights
+    engine.store.load_weights = lambda name: calls.append(threading.current_thread().name) or load(name)
+
+    async def main():
+        await engine.start()
+        await engine.embed("a0", ["x"])
+        await engine.stop()
+
+    run(main())
+    assert len(calls) == 1 and calls[0] != "lora-engine"
+
+
+def test_validation_reads_a_snapshot_not_the_live_tree(bert_dir):
+    """Workers validate while the loop thread wraps layers: walking the live tree could race it."""
+    engine = make_engine(bert_dir)
+
+    def walking(*_a, **_k):
+        raise AssertionError("validation walked the live module tree")
+
+    engine.base.model.named_modules = walking
+    engine.base.model.named_parameters = walking
+    assert engine.validate(engine.store.items["a0"]).targets()
+
+
+def test_controls_after_stop_and_bounds_after_a_failed_group(gpt2_dir):
+    engine = make_engine(gpt2_dir, device_cache_adapters=1)
+    too_long = [CompletionRequest(model=f"a{i}", prompt="hello " * 200, max_tokens=4) for i in range(4)]
+
+    async def main():
+        await engine.start()
+        results = await asyncio.gather(*[engine.complete(r) for r in too_long], return_exceptions=True)
+        state = await engine.state(fingerprints=False)
+        await engine.stop()
+        with pytest.raises(EngineBusyError):
+            await engine.state()
+        with pytest.raises(EngineBusyError):
+            await engine.merge("a0")
+        return results, state
+
+    results, state = run(main())
+    assert all(isinstance(r, BadRequestError) for r in results)
+    assert len(state["resident_adapters"]) <= 1
+
+
+def test_max_tokens_zero_is_answered_alone_and_in_a_batch(gpt2_dir):
+    engine = make_engine(gpt2_dir)
+
+    async def main():
+        await engine.start()
+        alone = await asyncio.wait_for(engine.complete(CompletionRequest(model="a0", prompt="hi", max_tokens=0)), 30)
+        mixed = await asyncio.wait_for(asyncio.gather(
+            engine.complete(CompletionRequest(model="a0", prompt="hi", max_tokens=0)),
+            engine.complete(CompletionRequest(model="a1", prompt="hi", max_tokens=3, temperature=0))), 30)
+        await engine.stop()
+        return alone, mixed
+
+    alone, (zero, three) = run(main())
+    assert (alone.choice.text, alone.completion_tokens, alone.choice.finish_reason) == ("", 0, "length")
+    assert zero.completion_tokens == 0 and three.completion_tokens == 3
