@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from adapters.train.upload import NAME_PATTERN
 
 __all__ = ["main", "build_parser", "args_from_namespace"]
 
@@ -102,6 +107,22 @@ def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if not 0.0 <= ns.eval_fraction < 1.0:
         p.error("--eval-fraction must be in [0, 1)")
+    for flag in ("lr", "dense_lr", "alpha"):
+        value = getattr(ns, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            p.error(f"--{flag.replace('_', '-')} must be a positive number")
+    if not 0.0 <= ns.warmup <= 1.0:
+        p.error("--warmup is a fraction of the training steps, in [0, 1]")
+    if ns.task == "embed" and ns.batch_size is not None and ns.batch_size < 2:
+        p.error("--task embed learns from the other rows of its batch (in-batch negatives): --batch-size >= 2")
+    blocker = next((q for q in (Path(ns.out), *Path(ns.out).parents) if q.exists() and not q.is_dir()), None)
+    if blocker is not None:
+        p.error(f"--out {ns.out}: {blocker} exists and is not a directory")
+    if ns.upload:
+        if urlsplit(ns.upload).scheme not in ("http", "https") or not urlsplit(ns.upload).netloc:
+            p.error(f"--upload {ns.upload!r}: give the service's http:// or https:// URL")
+        if not re.fullmatch(NAME_PATTERN, ns.name):
+            p.error(f"--name {ns.name!r}: adapter names must match {NAME_PATTERN}")
 
 
 def _quiet_transformers() -> None:
@@ -175,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"lora-train: bad data: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (AdapterError, FileNotFoundError, ValueError) as exc:
+    except (AdapterError, OSError, ValueError) as exc:  # OSError: e.g. --out not writable
         print(f"lora-train: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except UploadError as exc:

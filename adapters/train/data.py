@@ -67,7 +67,13 @@ class Dataset:
 
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record or an Exception) for every non-blank record of the file."""
-    text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a BOM
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: spreadsheet exports start with a BOM
+    except UnicodeDecodeError as exc:
+        line, column = raw.count(b"\n", 0, exc.start) + 1, exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise DataError(path, [(line, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {column}); save the file "
+                                      "as UTF-8")], header=f"{path}: not UTF-8") from None
     if _is_csv(path, text):
         reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)  # csv's own newline handling
         try:
@@ -79,7 +85,8 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
                 # A short row leaves missing fields as None; a long one files extras under the None key.
                 yield reader.line_num, ValueError("more fields than the header") if None in record else record
         except csv.Error as exc:  # the rest of the file cannot be trusted to line up, so stop here
-            yield reader.line_num, ValueError(f"CSV syntax error: {exc}")
+            # line_num counts the lines read before the failing one's end was parsed: that line is the next
+            yield reader.line_num + 1, ValueError(f"CSV syntax error: {exc}")
         return
     # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() breaks on.
     for number, line in enumerate(text.split("\n"), start=1):

@@ -58,7 +58,18 @@ def default_targets(model: nn.Module) -> list[str] | str:
 def load_tokenizer(base: Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    if not (base / "config.json").is_file():
+        raise ValueError(f"--base-model {base}: no config.json; give a Hugging Face checkpoint directory "
+                         "(what save_pretrained writes)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--base-model {base}: no usable tokenizer files ({exc})") from None
+    # A directory without tokenizer files can still yield a tokenizer that maps every text to nothing;
+    # training on that would learn nothing and still exit 0.
+    if not tok("hello world", add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"--base-model {base}: its tokenizer turns text into no tokens; save the tokenizer "
+                         "with the model (tokenizer.save_pretrained)")
     if tok.pad_token_id is None:  # GPT-2 has none; padding is masked out anyway
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -76,10 +87,31 @@ def load_model(base: Path, task: str, labels: list[str] | None = None) -> nn.Mod
             ignore_mismatched_sizes=True,  # a base with another label count gets a fresh head
             dtype=torch.float32)
     elif task == "generate":
-        model = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=torch.float32,
+                                                           output_loading_info=True)
+        _require_causal_lm(base, model, info.get("missing_keys", []))
     else:
         model = AutoModel.from_pretrained(str(base), local_files_only=True, dtype=torch.float32)
     return model
+
+
+def _require_causal_lm(base: Path, model: nn.Module, missing: list[str]) -> None:
+    """--task generate needs a trained language-model head and causal attention. An encoder checkpoint
+    (the default MiniLM) loads as *LMHeadModel with a random head and attention that sees the very tokens
+    it must predict: training on that would fit nothing real, so it is refused."""
+    out = model.get_output_embeddings()
+    out_names = {f"{n}.{p}" for n, m in model.named_modules() if m is out for p, _ in m.named_parameters()}
+    if any(k in out_names for k in missing):
+        raise ValueError(f"--base-model {base} has no trained language-model head ({type(model).__name__} would "
+                         "start from a random one); --task generate needs a causal LM checkpoint such as GPT-2")
+    ids = torch.arange(1, 9).unsqueeze(0) % max(2, model.config.vocab_size)  # (1, 8)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % max(2, model.config.vocab_size)
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=changed).logits  # (1, 8, V)
+    if not torch.allclose(a[0, :-1], b[0, :-1], atol=1e-4):  # earlier positions saw a later token
+        raise ValueError(f"--base-model {base} is not causal (its attention sees later tokens); --task generate "
+                         "needs a decoder such as GPT-2")
 
 
 def head_paths(model: nn.Module, task: str) -> list[str]:

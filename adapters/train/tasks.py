@@ -117,14 +117,23 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> t
     return loss, {"loss_sum": loss.item() * tokens, "count": tokens}
 
 
+def batch_spans(n: int, batch_size: int, task: str) -> list[tuple[int, int]]:
+    """[start, end) of each batch. For embed a lone last row would be its own only negative (loss 0,
+    nothing learnt), so it joins the batch before it."""
+    spans = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if task == "embed" and len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+        spans[-2:] = [(spans[-2][0], n)]
+    return spans
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], task: str, pad_id: int, batch_size: int) -> dict[str, float]:
     """Loss, plus accuracy (classify), perplexity (generate) or top-1 retrieval accuracy (embed)."""
     was_training = model.training
     model.eval()
     sums = {"loss_sum": 0.0, "count": 0, "correct": 0}
-    for start in range(0, len(examples), batch_size):
-        _, s = batch_loss(model, collate(examples[start:start + batch_size], task, pad_id), task)
+    for start, end in batch_spans(len(examples), batch_size, task):
+        _, s = batch_loss(model, collate(examples[start:end], task, pad_id), task)
         for k, v in s.items():
             sums[k] += v
     metrics = {"eval_loss": sums["loss_sum"] / max(sums["count"], 1)}

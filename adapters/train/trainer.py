@@ -21,7 +21,7 @@ from adapters import LoraWeights, model_footprint, save_peft_dir
 from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
 from adapters.train import data as data_mod
 from adapters.train import modes
-from adapters.train.tasks import Example, batch_loss, collate, encode, evaluate
+from adapters.train.tasks import Example, batch_loss, batch_spans, collate, encode, evaluate
 
 __all__ = ["TrainArgs", "TrainResult", "train"]
 
@@ -124,6 +124,9 @@ def train(args: TrainArgs, log=print) -> TrainResult:
         train_data, eval_data = _split(train_data, args.eval_fraction, g)
     else:
         eval_data = None
+    if args.task == "embed" and len(train_data) < 2:
+        raise data_mod.DataError(args.data, [(0, "embed learns from the other rows of a batch: give at least two")],
+                                 header=f"{args.data}: one row")
     if labels is not None and len(labels) < 2:
         raise data_mod.DataError(args.data, [(0, f"only one label ({labels[0]!r}); a classifier needs two")],
                                  header=f"{args.data}: one label")
@@ -195,8 +198,8 @@ def _fit(model: nn.Module, setup: modes.Setup, train_ex: list[Example], eval_ex:
                    disable=not args.progress, dynamic_ncols=True, mininterval=0.5)
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
-        for start in range(0, len(order), args.batch_size):
-            batch = collate([train_ex[i] for i in order[start:start + args.batch_size]], args.task, pad_id)
+        for start, end in batch_spans(len(order), args.batch_size, args.task):
+            batch = collate([train_ex[i] for i in order[start:end]], args.task, pad_id)
             loss, sums = batch_loss(model, batch, args.task)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,7 +16,11 @@ from urllib.parse import quote
 
 from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["UploadError", "upload_adapter"]
+__all__ = ["UploadError", "upload_adapter", "NAME_PATTERN"]
+
+# The service's rule for adapter names (service/store.py has the same; adapters/ never imports service/, and
+# tests/adapters/train checks that the two agree), so a bad --name is refused before training, not after.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class UploadError(RuntimeError):

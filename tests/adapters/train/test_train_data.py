@@ -102,3 +102,53 @@ def test_raw_line_separator_inside_a_json_string_is_not_a_line_break(tmp_path):
                     + json.dumps({"text": "three", "label": "b"}) + "\r\n", newline="")
     data = load_rows(path, "classify")
     assert data.column("text") == ["one\u2028two", "three"] and data.lines == [1, 2]
+
+
+def test_non_utf8_files_and_csv_syntax_errors_name_their_line(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')
+    with pytest.raises(DataError, match=r"line 2: not UTF-8 \(byte 0xe9 at column 14\)") as err:
+        load_rows(latin, "classify")
+    assert str(latin) in str(err.value)
+    bad = tmp_path / "strict.csv"
+    bad.write_text('text,label\na,pos\nb,neg\nc,pos\nd,"ne"g\ne,pos\n')
+    with pytest.raises(DataError) as err:
+        load_rows(bad, "classify")
+    assert err.value.line_numbers == [5]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--alpha", "0"], "--alpha must be a positive number"),
+    (["--warmup", "2"], "--warmup is a fraction"),
+    (["--task", "embed", "--batch-size", "1"], "in-batch negatives"),
+    (["--upload", "notaurl", "--name", "x"], "http:// or https://"),
+    (["--upload", "http://127.0.0.1:1", "--name", "a/b"], "adapter names must match"),
+])
+def test_cli_refuses_bad_flags_before_loading_anything(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        main(["--data", "x.jsonl", "--out", str(tmp_path / "out"), *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_refuses_an_out_path_blocked_by_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for out in ("afile", "afile/sub"):
+        with pytest.raises(SystemExit) as info:
+            main(["--data", "x.jsonl", "--out", str(tmp_path / out)])
+        assert info.value.code == 2 and "is not a directory" in capsys.readouterr().err
+
+
+def test_the_name_rule_is_the_services():
+    from adapters.train.upload import NAME_PATTERN
+    from service.store import NAME_PATTERN as SERVICE_PATTERN
+
+    assert NAME_PATTERN == SERVICE_PATTERN
+
+
+def test_embed_batches_never_leave_a_row_alone():
+    from adapters.train.tasks import batch_spans
+
+    assert batch_spans(33, 16, "embed") == [(0, 16), (16, 33)]
+    assert batch_spans(33, 16, "classify") == [(0, 16), (16, 32), (32, 33)]
+    assert batch_spans(32, 16, "embed") == [(0, 16), (16, 32)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from train_helpers import make_sentences, write_jsonl
@@ -99,3 +100,23 @@ def test_embed_smoke_on_tiny_bert(tiny_bert_dir, tmp_path):
     weights = load_peft_dir(out)
     assert weights.config.task_type == "FEATURE_EXTRACTION" and not weights.modules_to_save
     assert all(p.startswith("encoder.layer.") for p in weights.lora)  # keys of the bare encoder (AutoModel)
+
+
+def test_generate_refuses_an_encoder_and_a_base_without_tokenizer(tiny_bert_dir, tiny_gpt2_dir, tmp_path):
+    """MiniLM-like encoders load as *LMHeadModel with a random head and non-causal attention."""
+    import shutil
+
+    rows = [{"prompt": "Q : sky ? A :", "completion": " blue"}] * 4
+    data = write_jsonl(tmp_path / "gen.jsonl", rows)
+    with pytest.raises(ValueError, match="language-model head|not causal"):
+        train(TrainArgs(data=str(data), out=str(tmp_path / "o1"), base_model=str(tiny_bert_dir), task="generate",
+                        progress=False), log=lambda *a: None)
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for f in tiny_gpt2_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(f, bare / f.name)
+    with pytest.raises(ValueError, match="tokenizer"):
+        train(TrainArgs(data=str(data), out=str(tmp_path / "o2"), base_model=str(bare), task="generate",
+                        progress=False), log=lambda *a: None)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
