@@ -156,7 +156,10 @@ class LoraLinear(nn.Module):
         if (self.training and not isinstance(self.lora_dropout[name], nn.Identity)) or result.dtype != a.dtype:
             return result + self._branch(x, name, sign=sign).to(result.dtype)
         h = x.reshape(-1, self.in_features).to(a.dtype) @ a.T  # (N, in) @ (in, r) -> (N, r)
-        out = torch.addmm(result.reshape(-1, self.out_features), h, b.T, alpha=sign * self.scaling[name])  # (N, out)
+        # In place: result is the base layer's fresh output, which its backward does not keep. An out-of-place
+        # addmm would allocate and write a second (N, out) tensor: measured, that is a third of the branch's cost.
+        out = result.reshape(-1, self.out_features)  # a view of result (a copy only if result is not contiguous)
+        out.addmm_(h, b.T, alpha=sign * self.scaling[name])  # (N, out) += s · (N, r) @ (r, out)
         return out.reshape(result.shape)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -179,7 +182,8 @@ class LoraLinear(nn.Module):
         if result.dtype != h.dtype:
             return result + torch.bmm(h, b_rows.transpose(1, 2)).reshape(result.shape).to(result.dtype)
         # result + h @ Bᵀ in one call: (Bsz, T, out) + (Bsz, T, R) @ (Bsz, R, out)
-        out = torch.baddbmm(result.reshape(bsz, -1, self.out_features), h, b_rows.transpose(1, 2))
+        out = result.reshape(bsz, -1, self.out_features)  # in place, as in _add_branch
+        out.baddbmm_(h, b_rows.transpose(1, 2))
         return out.reshape(result.shape)
 
     def _needs_autograd(self) -> bool:
