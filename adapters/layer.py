@@ -296,35 +296,42 @@ class LoraLinear(nn.Module):
         # with two threads, where every small call pays a thread barrier.
         torch.addmm(pristine, left, right, alpha=s, out=out)  # (rows, r) @ (r, cols) -> (rows, cols)
 
-    def _pristine_on_device(self) -> torch.Tensor:
+    def _pristine_on_device(self, w: torch.Tensor) -> torch.Tensor:
         assert self._pristine is not None, "snapshot_pristine() first"
-        w = self.base_layer.weight
         return self._pristine if self._pristine.device == w.device else self._pristine.to(w.device, non_blocking=True)
 
     @torch.no_grad()
     def merged_candidate_is_finite(self, name: str) -> bool:
         """PEFT's safe_merge: build the merged weight in a scratch buffer and look at it; W is not touched."""
-        candidate = torch.empty_like(self.base_layer.weight)
-        self._write_merged(name, self._pristine_on_device(), candidate)
+        w = self.base_layer.weight
+        candidate = torch.empty_like(w)
+        self._write_merged(name, self._pristine_on_device(w), candidate)
         return bool(torch.isfinite(candidate).all())
 
     def merge(self, name: str | None) -> None:
         """Write W = W0 + s·B·A (or W0 for None) straight from the pristine copy: a switch is one pass."""
         if name not in self._ab:
             name = None
-        with torch.no_grad():
-            w = self.base_layer.weight
-            pristine = self._pristine_on_device()
-            if name is None:
-                w.copy_(pristine)
-            else:
-                self._write_merged(name, pristine, w)
+        # A switch calls this for every layer, so the per-call Python costs count: the base layer straight
+        # from _modules (nn.Module.__getattr__ is slow), and no grad-mode context when grad is already off.
+        w = self._modules["base_layer"].weight
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                self._write(name, w)
+        else:
+            self._write(name, w)
         # Plain state goes straight into __dict__: nn.Module.__setattr__ costs microseconds a call, and a
         # switch makes a few per layer. (These attributes are never parameters, buffers or modules.)
         self.__dict__.update(merged_adapter=name, _stack_cache=None)
 
+    def _write(self, name: str | None, w: torch.Tensor) -> None:
+        pristine = self._pristine_on_device(w)
+        if name is None:
+            w.copy_(pristine)
+        else:
+            self._write_merged(name, pristine, w)
+
     def unmerge(self) -> None:
         if self._pristine is not None and self.merged_adapter is not None:
-            with torch.no_grad():
-                self.base_layer.weight.copy_(self._pristine_on_device())  # a copy, never a subtraction
+            self.merge(None)  # a copy of W0, never a subtraction
         self.__dict__.update(merged_adapter=None, _stack_cache=None)
