@@ -117,8 +117,13 @@ class StateResponse(BaseModel):
 # of them by default), refused otherwise, so that a request is never answered as if it had been honoured.
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "echo": (False,), "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}),
-    "presence_penalty": (0,), "frequency_penalty": (0,), "stream_options": (None, {}),
+    "presence_penalty": (0,), "frequency_penalty": (0,),
 }
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
@@ -140,7 +145,8 @@ class CompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: only null or {}")
     presence_penalty: float = Field(0, description="Not supported: only 0")
     frequency_penalty: float = Field(0, description="Not supported: only 0")
-    stream_options: dict[str, Any] | None = Field(None, description="Not supported: only null")
+    stream_options: StreamOptions | None = Field(None, description="With stream=true: include_usage adds a last "
+                                                                   "event with the token counts")
 
     @field_validator(*_NEUTRAL)
     @classmethod

@@ -327,7 +327,10 @@ class Engine:
         """Make every adapter of the batch resident at once (so loading one cannot evict another that the
         batch needs); a request whose adapter vanished (deleted meanwhile) fails alone, the rest runs."""
         failed: dict[str, Exception] = {}
-        preloaded = {i.adapter: i.preloaded for i in items if i.adapter is not None}
+        preloaded: dict[str, tuple[str, LoraWeights] | None] = {}
+        for item in items:  # any batch-mate's copy will do (the tiers check it is the stored version)
+            if item.adapter is not None and preloaded.get(item.adapter) is None:
+                preloaded[item.adapter] = item.preloaded
         names = set(preloaded)
         for name in names:
             try:

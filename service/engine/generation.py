@@ -120,7 +120,9 @@ def _complete(row: _Row) -> None:
     if row.answered or row.finish in ("error", "abandoned"):
         return  # answered already, failed, or nobody is waiting
     row.answered = True
-    row.item.push(_chunk(row, len(row.text), row.finish))
+    final = _chunk(row, len(row.text), row.finish)
+    final.usage = (row.prompt_len, len(row.ids))
+    row.item.push(final)
     row.item.push(None)
     choice = CompletionChoice(row.text, row.finish, row.tokens, row.logprobs if row.req.logprobs else None,
                               row.offsets)
@@ -157,11 +159,11 @@ def _advance(row: _Row, token: int, logprob: float, tok, eos: int | None) -> Non
     previous = row.text
     row.ids.append(token)
     text = tok.decode(row.ids, skip_special_tokens=True)
-    for stop in row.req.stop:
-        cut = text.find(stop, max(0, len(previous) - len(stop)))
-        if cut != -1:
-            text, row.finish = text[:cut], "stop"
-            break
+    # The earliest stop string in the text wins, whichever comes first in the list.
+    cuts = [c for stop in row.req.stop if (c := text.find(stop, max(0, len(previous) - len(stop)))) != -1]
+    if cuts:
+        text, row.finish = text[:min(cuts)], "stop"
+        row.offsets = [min(o, len(text)) for o in row.offsets]  # tokens whose text the cut removed
     row.text = text
     # A token that completes a held-back character starts where that character does.
     row.offsets.append(min(len(previous.rstrip(_PARTIAL)), len(text)))

@@ -51,6 +51,7 @@ class CompletionChunk:
     tokens: list[str] = field(default_factory=list)  # the tokens generated since the previous chunk
     token_logprobs: list[float] | None = None  # theirs, when logprobs were asked for
     text_offsets: list[int] = field(default_factory=list)  # where each token starts in the completion
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens, on the final chunk
 
 
 @dataclass

@@ -67,7 +67,8 @@ async def completions(body: CompletionRequest, engine: EngineDep) -> CompletionR
             raise BadRequest("stream=true takes a single prompt", key="prompt")
         chunks = engine.stream(requests[0])
         first = await anext(chunks)  # unknown adapter, wrong task... fail here, with a proper status
-        return StreamingResponse(_sse(first, chunks, meta), media_type="text/event-stream",
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_sse(first, chunks, meta, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     results: list[CompletionResult] = await asyncio.gather(*(engine.complete(r) for r in requests))
     choices = [_choice(i, r) for i, r in enumerate(results)]
@@ -84,15 +85,23 @@ def _choice(index: int, result: CompletionResult) -> CompletionChoice:
     return CompletionChoice(text=c.text, index=index, logprobs=logprobs, finish_reason=c.finish_reason)
 
 
-async def _sse(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], meta: dict) -> AsyncIterator[str]:
-    """`data: {...}` per chunk, then `data: [DONE]`; a failure mid-stream is sent as an error event."""
+async def _sse(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], meta: dict,
+               include_usage: bool = False) -> AsyncIterator[str]:
+    """`data: {...}` per chunk, then `data: [DONE]`; a failure mid-stream is sent as an error event. With
+    stream_options.include_usage, a last event with no choices carries the token counts (OpenAI's format)."""
+
     def event(chunk: CompletionChunk) -> str:
         logprobs = None
         if chunk.token_logprobs is not None:
             logprobs = {"tokens": chunk.tokens, "token_logprobs": chunk.token_logprobs, "top_logprobs": None,
                         "text_offset": chunk.text_offsets}
         choice = {"text": chunk.text, "index": 0, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
-        return f"data: {json.dumps({**meta, 'choices': [choice]})}\n\n"
+        event = f"data: {json.dumps({**meta, 'choices': [choice]})}\n\n"
+        if include_usage and chunk.usage is not None:
+            prompt, completion = chunk.usage
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+            event += f"data: {json.dumps({**meta, 'choices': [], 'usage': usage})}\n\n"
+        return event
 
     try:
         yield event(first)

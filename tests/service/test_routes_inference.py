@@ -91,6 +91,18 @@ def test_stream_is_sse_and_matches_the_plain_answer(gpt2_client: TestClient, gpt
     assert len({c["id"] for c in chunks}) == 1
 
 
+def test_stream_usage_when_asked(gpt2_client: TestClient, gpt2_adapter: str):
+    plain = _complete(gpt2_client, model=gpt2_adapter, prompt="hello world")
+    body = {"model": gpt2_adapter, "prompt": "hello world", "max_tokens": 6, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with gpt2_client.stream("POST", "/v1/completions", json=body) as r:
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+    assert all("usage" not in e for e in events[:-1])
+    r = gpt2_client.post("/v1/completions", json={**body, "stream_options": {"include_usage": True, "x": 1}})
+    assert r.status_code == 422
+
+
 def test_stream_errors_come_before_the_stream(gpt2_client: TestClient):
     r = gpt2_client.post("/v1/completions", json={"model": "never-uploaded", "prompt": "x", "stream": True})
     assert r.status_code == 404 and r.json()["error"]["type"] == "unknown_adapter_error"

@@ -254,3 +254,22 @@ def test_a_request_that_races_a_stop_is_refused_not_left_waiting(gpt2_dir):
         await engine.stop()
 
     asyncio.run(main())
+
+
+def test_the_earliest_stop_string_wins_and_offsets_stay_inside_the_text(gpt2_dir):
+    from service.base_model import load_base_model
+    from service.engine.generation import _advance, _Row
+
+    tok = load_base_model(str(gpt2_dir), "cpu", "float32").tokenizer
+    ids = tok("the quick brown fox")["input_ids"]
+    text = tok.decode(ids)
+    # "own" is one token holding both stops; the one earlier in the text ("ow") wins, not the first listed.
+    sink = _Sink()
+    row = _Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids),
+                                                              stop=["n", "ow"]), "push": sink.push})(), 1)
+    for token in ids:
+        _advance(row, token, -0.5, tok, eos=None)
+        if row.finish:
+            break
+    assert row.text == text[:text.index("ow")] and row.finish == "stop"
+    assert all(0 <= o <= len(row.text) for o in row.offsets) and row.offsets == sorted(row.offsets)
