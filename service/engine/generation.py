@@ -14,6 +14,8 @@ answered as soon as it finishes, even while longer rows of its batch go on decod
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from adapters import LoraModel
@@ -79,7 +81,8 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
     with routing(lm, names):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding keeps real positions at 0..n-1
         out = base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        past = out.past_key_values
+        cache_arg = _cache_argument(base.model)
+        past = _cache_of(out)
         logits = out.logits[:, -1].float()  # (B, V)
         for _ in range(max(r.req.max_tokens for r in rows)):
             next_ids = []
@@ -106,13 +109,24 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
             # (B, 1). A finished row still rides along (its output is ignored) but must not run past the
             # position table: a short prompt may decode far longer than a long prompt next to it.
             pos = (pos[:, -1:] + 1).clamp(max=base.max_length - 1)
-            out = base.model(input_ids=step, attention_mask=mask, position_ids=pos, past_key_values=past,
-                             use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1].float()
+            out = base.model(input_ids=step, attention_mask=mask, position_ids=pos, use_cache=True,
+                             **{cache_arg: past})
+            past, logits = _cache_of(out), out.logits[:, -1].float()
     for row in rows:  # what is left: rows that ran to the end, and rows that never ran (max_tokens=0)
         if row.finish is None:
             row.finish = "length"
         _complete(row)
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The KV cache's keyword: `cache` in recent transformers (which deprecates `past_key_values` and will
+    drop it), `past_key_values` before; the project's transformers range spans both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out) -> object:
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
 
 
 def _complete(row: _Row) -> None:

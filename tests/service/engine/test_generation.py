@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 
@@ -98,7 +99,7 @@ def test_a_stream_whose_client_leaves_stops_decoding(gpt2_dir):
     model = engine.base.model
     calls = []
     forward = model.forward
-    model.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+    model.forward = functools.wraps(forward)(lambda *a, **kw: calls.append(1) or forward(*a, **kw))
     request = dict(model="a0", prompt="hello", max_tokens=100, temperature=0)
 
     async def main():
