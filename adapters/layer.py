@@ -21,6 +21,7 @@ s_X·B_X·A_X·x − s_M·B_M·A_M·x, so merged mode never blocks requests for 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from adapters.errors import AdapterMismatchError
 __all__ = ["LoraLinear", "Router", "is_lora_target_type", "conv1d_type"]
 
 
+@functools.cache
 def conv1d_type() -> type | None:
     """transformers' Conv1D (GPT-2 stores its weight as (in, out)); None when transformers is absent."""
     try:
@@ -137,6 +139,10 @@ class LoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._router.row_ids is None and self.merged_adapter is None:
+            active = self.active_adapter
+            if active is not None and active in self._ab and self._fusable(x, active):
+                return self._fused_forward(x, active)
         result = self.base_layer(x)  # (…, out): W0 x, or (W0 + ΔW_M) x while M is merged
         if self._router.row_ids is not None and self.lora_A:
             return self._mixed_forward(x, result)
@@ -148,6 +154,35 @@ class LoraLinear(nn.Module):
         if merged is not None:
             result = self._add_branch(result, x, merged, sign=-1.0)
         return result
+
+    def _fusable(self, x: torch.Tensor, name: str) -> bool:
+        """The fused single-adapter path computes the base layer itself, so only for a plain Linear or
+        Conv1D (a subclass may quantize or otherwise change the maths) without hooks, in one dtype, and
+        without dropout to apply."""
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear and type(base) is not conv1d_type():
+            return False
+        if base._forward_hooks or base._forward_pre_hooks:
+            return False
+        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+            return False
+        return x.dtype == base.weight.dtype == self._ab[name][0].dtype
+
+    def _fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """W0 x + b + s·B·A·x with the LoRA term written first and the base GEMM accumulating onto it
+        (beta = 1): the GEMM reads that buffer inside its compute-bound loop, where adding the term after
+        the base output exists costs a separate read and write of the whole (N, out) output."""
+        base = self._modules["base_layer"]
+        (a, b), s = self._ab[name], self.scaling[name]
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        h = x2 @ a.T  # (N, in) @ (in, r) -> (N, r)
+        if base.bias is not None:
+            out = torch.addmm(base.bias, h, b.T, alpha=s)  # (N, out) = b + s · (N, r) @ (r, out)
+        else:
+            out = torch.mm(h * s, b.T)  # (N, r) @ (r, out)
+        w = base.weight  # Linear (out, in); Conv1D (in, out)
+        out.addmm_(x2, w if self.fan_in_fan_out else w.T)  # (N, out) += (N, in) @ (in, out)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str, *, sign: float = 1.0) -> torch.Tensor:
         """result + s·B·A·x. Without dropout, and when the dtypes agree, the scaling and the addition fold

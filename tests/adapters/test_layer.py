@@ -150,3 +150,49 @@ def test_while_merged_another_adapter_is_served_exactly():
 def test_target_types():
     assert is_lora_target_type(nn.Linear(2, 2)) and is_lora_target_type(Conv1D(2, 2))
     assert not is_lora_target_type(nn.Embedding(3, 2)) and not is_lora_target_type(nn.LayerNorm(2))
+
+
+@pytest.mark.parametrize("make", [_linear, _conv1d, lambda: nn.Linear(6, 5, bias=False)],
+                         ids=["linear", "conv1d", "linear-no-bias"])
+def test_fused_single_adapter_path_equals_base_plus_branch_with_gradients(make):
+    """The single-adapter path computes the base GEMM itself, onto the LoRA term (see _fused_forward)."""
+    base = make()
+    layer = _layer(base)
+    a, b = _ab(3)
+    layer.add_adapter("a", 3, 0.75, A=a, B=b)
+    layer.active_adapter = "a"
+    assert layer._fusable(torch.zeros(1, 6), "a")
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    got = layer(x)
+    want = base(x) + 0.75 * (x @ a.T @ b.T)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    grad_a = layer.lora_A["a"].weight.grad.clone()
+    layer.lora_A["a"].weight.grad = None
+    x.grad = None
+    (base(x) + 0.75 * layer.lora_B["a"](layer.lora_A["a"](x))).sum().backward()
+    torch.testing.assert_close(grad_a, layer.lora_A["a"].weight.grad)
+    assert layer(torch.randn(6)).shape == (5,)  # an unbatched input keeps its shape
+
+
+def test_layers_the_fused_path_must_not_compute_itself_fall_back():
+    class Scaled(nn.Linear):  # e.g. a quantized Linear: its own forward, not W x + b
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    base, x = Scaled(6, 5), torch.randn(3, 6)
+    layer = _layer(base)
+    a, b = _ab(2)
+    layer.add_adapter("a", 2, 1.0, A=a, B=b)
+    layer.active_adapter = "a"
+    assert not layer._fusable(x, "a")
+    torch.testing.assert_close(layer(x), base(x) + x @ a.T @ b.T)
+    hooked = nn.Linear(6, 5)
+    seen = []
+    hooked.register_forward_hook(lambda *_: seen.append(1))
+    layer = _layer(hooked)
+    layer.add_adapter("a", 2, 1.0, A=a, B=b)
+    layer.active_adapter = "a"
+    layer(torch.randn(3, 6))
+    assert seen == [1]  # the base layer's hooks still run
