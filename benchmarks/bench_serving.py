@@ -126,7 +126,7 @@ def bench_cold_load(base_dir: str | None, device: str, runs: int) -> dict:
 
     def ours():  # store (disk) -> validated -> resident: the engine's own path, host cache emptied first
         engine.host_cache.pop("cold")
-        engine._make_resident({"cold"})
+        engine.tiers.add_resident("cold")
         engine._evict("cold")
 
     def peft():

@@ -16,13 +16,7 @@ from service.engine.generation import check_generation, generate_batch
 from service.engine.requests import ClassifyResult, EmbedResult, WorkItem
 from service.engine.runner import check_classify, classify_rows, embed_rows
 
-__all__ = ["admissible", "run_batch", "fail_all"]
-
-
-def fail_all(items: list[WorkItem], exc: BaseException) -> None:
-    for item in items:
-        item.push(None)  # ends a stream, if there is one
-        item.fail(exc)
+__all__ = ["admissible", "run_batch"]
 
 
 def admissible(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> list[WorkItem]:
@@ -38,7 +32,7 @@ def admissible(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> list[W
             elif item.kind == "classify":
                 check_classify(lm, base, item.adapter)
         except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handler
-            fail_all([item], exc)
+            item.fail(exc)
             continue
         admitted.append(item)
     return admitted
@@ -55,7 +49,8 @@ def run_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
             _run_texts(lm, base, items)
     except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handlers
         if len(items) == 1 or items[0].kind == "generate":
-            fail_all(items, exc)
+            for item in items:
+                item.fail(exc)
             return
         for item in items:
             try:

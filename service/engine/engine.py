@@ -82,7 +82,6 @@ class Engine:
             except queue.Empty:
                 break
             if isinstance(item, WorkItem):
-                item.push(None)
                 item.fail(EngineBusyError("the service is shutting down"))
 
     # ------------------------------------------------------------------ adapters
@@ -131,12 +130,6 @@ class Engine:
                     log.warning("the new version of pinned adapter %r could not be merged (%s); unpinned", name, exc)
 
         self._call_soon(drop)
-
-    def _make_resident(self, names: set[str]) -> None:
-        """Loop thread: put these adapters on the device, then trim the tier back to its bounds."""
-        for name in names:
-            self.tiers.add_resident(name)
-        self.tiers.trim(protect=names)
 
     def _evict(self, name: str, force: bool = False) -> None:
         """Loop thread: take `name` off the device; a merged adapter only when forced (after a delete)."""
@@ -340,7 +333,6 @@ class Engine:
         self.tiers.trim(protect=names)
         for item in items:
             if item.adapter in failed:
-                item.push(None)
                 item.fail(failed[item.adapter])
         return [i for i in items if i.adapter not in failed]
 

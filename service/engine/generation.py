@@ -92,7 +92,6 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
                     row.finish = "abandoned"  # its client disconnected: stop spending steps on it
                 if row.finish is None and not finite[i]:
                     row.finish = "error"
-                    row.item.push(None)
                     row.item.fail(NonFiniteOutputError(row.item.adapter))
                 if row.finish is not None:
                     next_ids.append(eos if eos is not None else 0)

@@ -87,6 +87,8 @@ class WorkItem:
         self.loop.call_soon_threadsafe(_set_result, self.future, value)
 
     def fail(self, exc: BaseException) -> None:
+        """The outcome is `exc`; a stream, if there is one, ends here too (its consumer then re-raises it)."""
+        self.push(None)
         self.loop.call_soon_threadsafe(_set_exception, self.future, exc)
 
     def push(self, chunk: CompletionChunk | None) -> None:
