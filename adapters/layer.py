@@ -155,6 +155,10 @@ class LoraLinear(nn.Module):
             result = self._add_branch(result, x, merged, sign=-1.0)
         return result
 
+    def _dropout_on(self, name: str) -> bool:
+        """`name`'s dropout would change this forward (training, with a rate above 0)."""
+        return self.training and not isinstance(self.lora_dropout[name], nn.Identity)
+
     def _fusable(self, x: torch.Tensor, name: str) -> bool:
         """The fused single-adapter path computes the base layer itself, so only for a plain Linear or
         Conv1D (a subclass may quantize or otherwise change the maths) without hooks, in one dtype, and
@@ -164,7 +168,7 @@ class LoraLinear(nn.Module):
             return False
         if base._forward_hooks or base._forward_pre_hooks:
             return False
-        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+        if self._dropout_on(name):
             return False
         return x.dtype == base.weight.dtype == self._ab[name][0].dtype
 
@@ -188,7 +192,7 @@ class LoraLinear(nn.Module):
         """result + s·B·A·x. Without dropout, and when the dtypes agree, the scaling and the addition fold
         into one addmm: no (…, out) temporaries besides the result (a 1.10x budget leaves no room for two)."""
         a, b = self._ab[name]
-        if (self.training and not isinstance(self.lora_dropout[name], nn.Identity)) or result.dtype != a.dtype:
+        if self._dropout_on(name) or result.dtype != a.dtype:
             return result + self._branch(x, name, sign=sign).to(result.dtype)
         h = x.reshape(-1, self.in_features).to(a.dtype) @ a.T  # (N, in) @ (in, r) -> (N, r)
         # In place: result is the base layer's fresh output, which its backward does not keep. An out-of-place
@@ -223,7 +227,7 @@ class LoraLinear(nn.Module):
 
     def _needs_autograd(self) -> bool:
         """The stacked tables are detached copies without dropout: fine for serving, wrong for training."""
-        if self.training and any(not isinstance(d, nn.Identity) for d in self.lora_dropout.values()):
+        if self.training and any(self._dropout_on(name) for name in self.lora_dropout):
             return True
         return torch.is_grad_enabled() and any(p.requires_grad for pair in self._ab.values() for p in pair)
 

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from adapters.config import LoraConfig
-from adapters.errors import AdapterMismatchError, MergeError, UnknownAdapterError
+from adapters.errors import MergeError, UnknownAdapterError
 from adapters.injection import resolve_targets, set_submodule
 from adapters.layer import LoraLinear, Router
 from adapters.saved_modules import SavedModuleWrapper
-from adapters.validation import validate_adapter
-from adapters.weights import PREFIX, LoraWeights
+from adapters.validation import refuse_lora_on_saved, refuse_saved_on_lora, validate_adapter
+from adapters.weights import LoraWeights
 
 __all__ = ["LoraModel"]
 
@@ -130,23 +130,12 @@ class LoraModel:
 
     def _check_conflicts(self, weights: LoraWeights) -> None:
         """A module takes LoRA or is replaced whole (modules_to_save), never both across resident adapters."""
+        saved, layers = self._saved_wrappers(), self._lora_layers()
         for path in weights.lora:
-            if isinstance(self._module_or_none(path), SavedModuleWrapper):
-                raise AdapterMismatchError(f"{PREFIX}{path}.lora_A.weight: module {path!r} is replaced whole by a "
-                                           "resident adapter's modules_to_save, so it cannot also take LoRA",
-                                           key=f"{PREFIX}{path}.lora_A.weight")
+            refuse_lora_on_saved(saved.get(path), path)
         for key in weights.modules_to_save:
             module_path = key.rpartition(".")[0]
-            if isinstance(self._module_or_none(module_path), LoraLinear):
-                raise AdapterMismatchError(f"{PREFIX}{key}: modules_to_save replaces {module_path!r} whole, which "
-                                           "also carries a resident adapter's LoRA; a module takes one or the other",
-                                           key=PREFIX + key)
-
-    def _module_or_none(self, path: str) -> nn.Module | None:
-        try:
-            return self.model.get_submodule(path)
-        except AttributeError:
-            return None
+            refuse_saved_on_lora(layers.get(module_path), key, module_path)
 
     def _install(self, name: str, weights: LoraWeights) -> None:
         ref = next(p for p in self.model.parameters())

@@ -27,7 +27,7 @@ from adapters.weights import LoraWeights
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "METADATA_KEY", "load_peft_dir", "save_peft_dir", "load_single_file",
     "save_single_file", "weights_from_bytes", "single_file_from_bytes", "to_peft_bytes", "to_single_file_bytes",
-    "check_safetensors_header", "looks_pickled",
+    "check_safetensors_header", "looks_pickled", "PICKLE_SUFFIXES",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -38,7 +38,7 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024  # safetensors' own limit is 100 MB; adapter
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
                 "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def looks_pickled(data: bytes | memoryview) -> bool:
@@ -147,7 +147,7 @@ def load_peft_dir(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER
         return load_single_file(path, max_header_bytes=max_header_bytes)
     weights_file = path / WEIGHTS_NAME
     if not weights_file.exists():
-        pickled = [p.name for p in path.glob("*") if p.suffix in _PICKLE_SUFFIXES]
+        pickled = [p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES]
         if pickled:
             raise AdapterFormatError(
                 f"{pickled[0]} is a pickle file; only {WEIGHTS_NAME} is accepted (never unpickled)")
@@ -160,7 +160,7 @@ def load_peft_dir(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER
 
 def load_single_file(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_BYTES) -> LoraWeights:
     path = Path(path)
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in PICKLE_SUFFIXES:
         raise AdapterFormatError(f"{path.name} is a pickle file; only safetensors is accepted (never unpickled)")
     return single_file_from_bytes(path.read_bytes(), max_header_bytes=max_header_bytes)
 

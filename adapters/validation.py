@@ -58,6 +58,25 @@ def _inside_wrapper(path: str, modules: dict[str, nn.Module]) -> bool:
                for i in range(1, len(parts)))
 
 
+def refuse_lora_on_saved(module: nn.Module | None, path: str) -> None:
+    """LoRA on `path` is refused when a resident adapter's modules_to_save replaces that module whole."""
+    if isinstance(module, SavedModuleWrapper):
+        key = f"{PREFIX}{path}.lora_A.weight"
+        raise AdapterMismatchError(f"{key}: module {path!r} is replaced whole by a resident adapter's "
+                                   "modules_to_save, so it cannot also take LoRA", key=key)
+
+
+def refuse_saved_on_lora(module: nn.Module | None, key: str, module_path: str) -> None:
+    """modules_to_save tensor `key` is refused when its module carries a resident adapter's LoRA."""
+    if isinstance(module, LoraLinear):
+        _refuse_saved(PREFIX + key, module_path, "a resident adapter's LoRA")
+
+
+def _refuse_saved(full_key: str, module_path: str, which: str) -> None:
+    raise AdapterMismatchError(f"{full_key}: modules_to_save replaces {module_path!r} whole, which also carries "
+                               f"{which}; a module takes one or the other", key=full_key)
+
+
 def base_weight_shape(module: nn.Module) -> tuple[int, int]:
     """(in, out) of a Linear, Conv1D or an already-wrapped LoraLinear."""
     if isinstance(module, LoraLinear):
@@ -99,9 +118,7 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
         if resolved is None:
             raise AdapterMismatchError(f"{key_a}: the base model has no module {path!r}", key=key_a)
         module = modules[resolved]
-        if isinstance(module, SavedModuleWrapper):
-            raise AdapterMismatchError(f"{key_a}: module {path!r} is replaced whole by a resident adapter's "
-                                       "modules_to_save, so it cannot also take LoRA", key=key_a)
+        refuse_lora_on_saved(module, path)
         if not (isinstance(module, LoraLinear) or is_lora_target_type(module)):
             raise AdapterMismatchError(f"{key_a}: module {path!r} is a {type(module).__name__}, not Linear/Conv1D",
                                        key=key_a)
@@ -148,10 +165,9 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
             saved[key] = t
             continue
         lora_inside = [p for p in lora if p == resolved or p.startswith(resolved + ".")]
-        if lora_inside or isinstance(modules[resolved], LoraLinear):
-            which = f"this adapter's LoRA on {lora_inside[0]!r}" if lora_inside else "a resident adapter's LoRA"
-            raise AdapterMismatchError(f"{full_key}: modules_to_save replaces {resolved!r} whole, which also carries "
-                                       f"{which}; a module takes one or the other", key=full_key)
+        if lora_inside:
+            _refuse_saved(full_key, resolved, f"this adapter's LoRA on {lora_inside[0]!r}")
+        refuse_saved_on_lora(modules[resolved], key, resolved)
         target = params.get(f"{resolved}.{param}")
         if target is None:  # the module is already wrapped by another adapter's SavedModuleWrapper
             target = params.get(f"{resolved}.original_module.{param}")

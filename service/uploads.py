@@ -21,14 +21,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from adapters import LoraWeights, single_file_from_bytes, weights_from_bytes
-from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME, looks_pickled
+from adapters.serialization import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, looks_pickled
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 __all__ = ["content_boundary", "read_capped_body", "parse_multipart", "weights_from_form", "read_adapter_upload",
            "SINGLE_FIELD"]
 
 SINGLE_FIELD = "adapter"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_PARTS = 8
 _MAX_BOUNDARY = 70  # RFC 2046, section 5.1.1
 
@@ -132,7 +131,7 @@ def parse_multipart(body: bytes, boundary: bytes) -> dict[str, tuple[str | None,
 def _refuse_pickle(fields: dict[str, tuple[str | None, bytes]]) -> None:
     for name, (filename, data) in fields.items():
         labels = [name] + ([filename] if filename else [])
-        if any(label.lower().endswith(_PICKLE_SUFFIXES) for label in labels) or looks_pickled(data):
+        if any(label.lower().endswith(PICKLE_SUFFIXES) for label in labels) or looks_pickled(data):
             raise UnsupportedMediaType(f"field {name!r} holds a pickle/torch.save file; only safetensors is accepted "
                                        f"(send {WEIGHTS_NAME!r}; pickles are never unpickled)", key=name)
 
