@@ -34,6 +34,15 @@ def _ab(rank: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rank, 6, generator=g), torch.randn(5, rank, generator=g)  # (r, in), (out, r)
 
 
+def _active(base: nn.Module, rank: int = 3, scaling: float = 0.75) -> tuple[LoraLinear, torch.Tensor, torch.Tensor]:
+    """`base` wrapped, with adapter "a" (A, B from _ab) added and active."""
+    layer = _layer(base)
+    a, b = _ab(rank)
+    layer.add_adapter("a", rank, scaling, A=a, B=b)
+    layer.active_adapter = "a"
+    return layer, a, b
+
+
 @pytest.mark.parametrize("make", [_linear, _conv1d], ids=["linear", "conv1d"])
 def test_wraps_without_copying_and_keeps_peft_orientation(make):
     base = make()
@@ -51,10 +60,7 @@ def test_wraps_without_copying_and_keeps_peft_orientation(make):
 @pytest.mark.parametrize("make", [_linear, _conv1d], ids=["linear", "conv1d"])
 def test_forward_is_w0x_plus_s_b_a_x(make):
     base = make()
-    layer = _layer(base)
-    a, b = _ab(3)
-    layer.add_adapter("a", 3, 0.75, A=a, B=b)
-    layer.active_adapter = "a"
+    layer, a, b = _active(base)
     x = torch.randn(2, 4, 6)  # (B, T, in)
     want = base(x) + 0.75 * (x @ a.T @ b.T)  # (B, T, in) @ (in, r) @ (r, out)
     torch.testing.assert_close(layer(x), want)
@@ -157,10 +163,7 @@ def test_target_types():
 def test_fused_single_adapter_path_equals_base_plus_branch_with_gradients(make):
     """The single-adapter path computes the base GEMM itself, onto the LoRA term (see _fused_forward)."""
     base = make()
-    layer = _layer(base)
-    a, b = _ab(3)
-    layer.add_adapter("a", 3, 0.75, A=a, B=b)
-    layer.active_adapter = "a"
+    layer, a, b = _active(base)
     assert layer._fusable(torch.zeros(1, 6), "a")
     x = torch.randn(2, 4, 6, requires_grad=True)
     got = layer(x)
@@ -182,17 +185,12 @@ def test_layers_the_fused_path_must_not_compute_itself_fall_back():
 
     torch.manual_seed(0)
     base, x = Scaled(6, 5), torch.randn(3, 6)
-    layer = _layer(base)
-    a, b = _ab(2)
-    layer.add_adapter("a", 2, 1.0, A=a, B=b)
-    layer.active_adapter = "a"
+    layer, a, b = _active(base, rank=2, scaling=1.0)
     assert not layer._fusable(x, "a")
     torch.testing.assert_close(layer(x), base(x) + x @ a.T @ b.T)
     hooked = nn.Linear(6, 5)
     seen = []
     hooked.register_forward_hook(lambda *_: seen.append(1))
-    layer = _layer(hooked)
-    layer.add_adapter("a", 2, 1.0, A=a, B=b)
-    layer.active_adapter = "a"
+    layer, _, _ = _active(hooked, rank=2, scaling=1.0)
     layer(torch.randn(3, 6))
     assert seen == [1]  # the base layer's hooks still run
