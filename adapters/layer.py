@@ -159,6 +159,12 @@ class LoraLinear(nn.Module):
         """`name`'s dropout would change this forward (training, with a rate above 0)."""
         return self.training and not isinstance(self.lora_dropout[name], nn.Identity)
 
+    def _base_hooked(self) -> bool:
+        """Hooks on the base layer see its output; a hook may keep that tensor (activation capture), so the
+        LoRA term must not be added into it in place."""
+        base = self._modules["base_layer"]
+        return bool(base._forward_hooks or base._forward_pre_hooks)
+
     def _fusable(self, x: torch.Tensor, name: str) -> bool:
         """The fused single-adapter path computes the base layer itself, so only for a plain Linear or
         Conv1D (a subclass may quantize or otherwise change the maths) without hooks, in one dtype, and
@@ -166,7 +172,7 @@ class LoraLinear(nn.Module):
         base = self._modules["base_layer"]
         if type(base) is not nn.Linear and type(base) is not conv1d_type():
             return False
-        if base._forward_hooks or base._forward_pre_hooks:
+        if self._base_hooked():
             return False
         if self._dropout_on(name):
             return False
@@ -192,7 +198,7 @@ class LoraLinear(nn.Module):
         """result + s·B·A·x. Without dropout, and when the dtypes agree, the scaling and the addition fold
         into one addmm: no (…, out) temporaries besides the result (a 1.10x budget leaves no room for two)."""
         a, b = self._ab[name]
-        if self._dropout_on(name) or result.dtype != a.dtype:
+        if self._dropout_on(name) or result.dtype != a.dtype or self._base_hooked():
             return result + self._branch(x, name, sign=sign).to(result.dtype)
         h = x.reshape(-1, self.in_features).to(a.dtype) @ a.T  # (N, in) @ (in, r) -> (N, r)
         # In place: result is the base layer's fresh output, which its backward does not keep. An out-of-place
@@ -218,7 +224,7 @@ class LoraLinear(nn.Module):
         a_rows = a_stack[local]  # (Bsz, R, in)
         b_rows = b_stack[local]  # (Bsz, out, R), scaling folded in
         h = torch.bmm(x3, a_rows.transpose(1, 2))  # (Bsz, T, R)
-        if result.dtype != h.dtype:
+        if result.dtype != h.dtype or self._base_hooked():
             return result + torch.bmm(h, b_rows.transpose(1, 2)).reshape(result.shape).to(result.dtype)
         # result + h @ Bᵀ in one call: (Bsz, T, out) + (Bsz, T, R) @ (Bsz, R, out)
         out = result.reshape(bsz, -1, self.out_features)  # in place, as in _add_branch

@@ -194,3 +194,26 @@ def test_layers_the_fused_path_must_not_compute_itself_fall_back():
     layer, _, _ = _active(hooked, rank=2, scaling=1.0)
     layer(torch.randn(3, 6))
     assert seen == [1]  # the base layer's hooks still run
+
+
+def test_a_hook_that_keeps_the_base_output_sees_the_base_output():
+    """The LoRA term is added into the base output in place only when no hook can hold on to that tensor."""
+    torch.manual_seed(0)
+    base, x = nn.Linear(6, 5), torch.randn(3, 6)
+    kept = []
+    base.register_forward_hook(lambda _m, _i, out: kept.append(out))
+    router = Router()
+    layer = LoraLinear(base, router, {"a": 1})
+    a, b = _ab(2)
+    layer.add_adapter("a", 2, 0.5, A=a, B=b)
+    layer.active_adapter = "a"
+    with torch.no_grad():
+        plain = nn.functional.linear(x, base.weight, base.bias)
+        single = layer(x)
+        router.row_ids = torch.tensor([1, 0, 1])  # the mixed path: rows 0 and 2 use "a", row 1 the base
+        mixed = layer(x)
+    torch.testing.assert_close(single, plain + 0.5 * x @ a.T @ b.T)
+    torch.testing.assert_close(mixed, plain + 0.5 * (x @ a.T @ b.T) * torch.tensor([[1.0], [0.0], [1.0]]))
+    assert len(kept) == 2
+    for out in kept:
+        assert torch.equal(out, plain)
