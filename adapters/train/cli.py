@@ -134,9 +134,10 @@ def _quiet_transformers() -> None:
 
 
 def _upload(ns: argparse.Namespace, adapter_dir: str) -> None:
-    from adapters.train.upload import upload_adapter
+    from adapters.train.upload import UploadEnvironment, upload_adapter
 
-    api_key = ns.api_key or os.environ.get("LORA_API_KEY")
+    from_env = UploadEnvironment().api_key
+    api_key = ns.api_key or (from_env.get_secret_value() if from_env else None)
     answer = upload_adapter(ns.upload, ns.name, adapter_dir, api_key=api_key, overwrite=ns.overwrite)
     print(f"uploaded {ns.name!r} to {ns.upload}; the service answered:")
     print(json.dumps(answer, indent=2) if not isinstance(answer, str) else answer)

@@ -14,13 +14,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["UploadError", "upload_adapter", "NAME_PATTERN"]
+__all__ = ["UploadError", "UploadEnvironment", "upload_adapter", "NAME_PATTERN"]
 
 # The service's rule for adapter names (service/store.py has the same; adapters/ never imports service/, and
 # tests/adapters/train checks that the two agree), so a bad --name is refused before training, not after.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class UploadEnvironment(BaseSettings):
+    """What lora-train reads from the environment, in one place: `LORA_API_KEY`, the key for --upload when
+    --api-key is not given (a flag would show the key in `ps` and in shell history)."""
+
+    model_config = SettingsConfigDict(env_prefix="LORA_", extra="ignore")
+
+    api_key: SecretStr | None = None
 
 
 class UploadError(RuntimeError):

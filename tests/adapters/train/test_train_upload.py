@@ -79,6 +79,23 @@ def test_upload_sends_both_peft_files_and_the_bearer_key(stub, adapter_dir):
     assert (adapter_dir / "adapter_model.safetensors").read_bytes() in req["body"]
 
 
+def test_cli_key_comes_from_the_flag_else_from_lora_api_key(stub, adapter_dir, monkeypatch, capsys):
+    import argparse
+
+    from adapters.train.cli import _upload
+
+    server, url = stub
+    _Stub.answer = (201, {"name": "n1", "version": 1})
+    monkeypatch.setenv("LORA_API_KEY", "from-env")
+    for flag, expected in ((None, "Bearer from-env"), ("from-flag", "Bearer from-flag")):
+        _upload(argparse.Namespace(upload=url, name="n1", api_key=flag, overwrite=False), str(adapter_dir))
+        assert _Stub.seen[-1]["auth"] == expected
+    monkeypatch.delenv("LORA_API_KEY")
+    _upload(argparse.Namespace(upload=url, name="n1", api_key=None, overwrite=False), str(adapter_dir))
+    assert _Stub.seen[-1]["auth"] is None
+    assert "from-env" not in capsys.readouterr().out
+
+
 def test_upload_errors_carry_the_service_message(stub, adapter_dir, tmp_path):
     server, url = stub
     _Stub.answer = (409, {"error": {"message": "adapter 'x' exists", "type": "conflict_error", "key": None}})
