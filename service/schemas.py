@@ -135,7 +135,8 @@ class CompletionRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 stop strings")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Any value returns each sampled token's logprob")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Each sampled token's logprob, and the `logprobs` "
+                                 "most likely tokens at each position (top_logprobs)")
     stream: bool = False
     n: Literal[1] = 1
     user: str | None = None
@@ -165,7 +166,7 @@ class CompletionRequest(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float]
-    top_logprobs: None = None
+    top_logprobs: list[dict[str, float]] | None = None  # per token: the n most likely tokens' text -> logprob
     text_offset: list[int]
 
 

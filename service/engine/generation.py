@@ -52,6 +52,7 @@ class _Row:
         self.sent = 0  # how much of `text` has been streamed
         self.unsent = 0  # the first token not yet streamed (its text may be held back)
         self.logprobs: list[float] = []
+        self.top: list[dict[str, float]] = []  # per token, with logprobs=n: the n most likely tokens
         self.tokens: list[str] = []  # each token's own text
         self.offsets: list[int] = []  # where each token's text starts in `text`
         self.finish: str | None = None if req.max_tokens > 0 else "length"
@@ -97,7 +98,8 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
                     next_ids.append(eos if eos is not None else 0)
                     continue
                 token = _sample(logits[i], row.req.temperature, row.req.top_p, row.gen)
-                _advance(row, token, torch.log_softmax(logits[i], -1)[token].item(), tok, eos)
+                logprobs = torch.log_softmax(logits[i], -1)  # (V,): the model's own distribution, not the sampler's
+                _advance(row, token, logprobs[token].item(), _top(logprobs, row.req.logprobs, tok), tok, eos)
                 next_ids.append(token)
                 if row.finish is not None:  # answered now, not when the batch's longest request ends
                     _complete(row)
@@ -115,6 +117,18 @@ def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> No
         if row.finish is None:
             row.finish = "length"
         _complete(row)
+
+
+def _top(logprobs: torch.Tensor, n: int | None, tok) -> dict[str, float]:
+    """The n most likely next tokens, text -> logprob (OpenAI's top_logprobs). Two ids that decode to the same
+    text (an incomplete UTF-8 byte, for one) keep the likelier one, so a dict may hold fewer than n."""
+    if not n:
+        return {}
+    values, ids = torch.topk(logprobs, min(n, logprobs.numel()))  # descending
+    top: dict[str, float] = {}
+    for value, token in zip(values.tolist(), ids.tolist(), strict=True):
+        top.setdefault(tok.decode([token], skip_special_tokens=False), value)
+    return top
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -137,16 +151,17 @@ def _complete(row: _Row) -> None:
     final.usage = (row.prompt_len, len(row.ids))
     row.item.push(final)
     row.item.push(None)
-    choice = CompletionChoice(row.text, row.finish, row.tokens, row.logprobs if row.req.logprobs else None,
-                              row.offsets)
+    wanted = row.req.logprobs is not None
+    choice = CompletionChoice(row.text, row.finish, row.tokens, row.logprobs if wanted else None, row.offsets,
+                              row.top if wanted else None)
     row.item.resolve(CompletionResult(choice, row.prompt_len, len(row.ids)))
 
 
 def _chunk(row: _Row, upto: int, finish: str | None = None) -> CompletionChunk:
     """text[sent:upto], with every token generated since the last chunk (their logprobs and offsets)."""
-    tokens, first = row.tokens[row.unsent:], row.unsent
-    chunk = CompletionChunk(row.text[row.sent:upto], finish, tokens,
-                            row.logprobs[first:] if row.req.logprobs else None, row.offsets[first:])
+    tokens, first, wanted = row.tokens[row.unsent:], row.unsent, row.req.logprobs is not None
+    chunk = CompletionChunk(row.text[row.sent:upto], finish, tokens, row.logprobs[first:] if wanted else None,
+                            row.offsets[first:], top_logprobs=row.top[first:] if wanted else None)
     row.sent, row.unsent = upto, len(row.tokens)
     return chunk
 
@@ -164,7 +179,7 @@ def _held_back(text: str, stops: list[str]) -> int:
     return len(text) - len(visible) + hold
 
 
-def _advance(row: _Row, token: int, logprob: float, tok, eos: int | None) -> None:
+def _advance(row: _Row, token: int, logprob: float, top: dict[str, float], tok, eos: int | None) -> None:
     """Append one token; emit the new text; stop on EOS, a stop string, or max_tokens."""
     if eos is not None and token == eos:
         row.finish = "stop"
@@ -182,6 +197,7 @@ def _advance(row: _Row, token: int, logprob: float, tok, eos: int | None) -> Non
     row.offsets.append(min(len(previous.rstrip(_PARTIAL)), len(text)))
     row.tokens.append(tok.decode([token], skip_special_tokens=True))
     row.logprobs.append(logprob)
+    row.top.append(top)
     if row.finish is None and len(row.ids) >= row.req.max_tokens:
         row.finish = "length"
     if row.finish is None:  # the final chunk (_complete) sends whatever is left

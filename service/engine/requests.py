@@ -24,7 +24,7 @@ class CompletionRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    logprobs: bool = False
+    logprobs: int | None = None  # None: none; n: each token's logprob and the n most likely at its position
     stream: bool = False
 
 
@@ -35,6 +35,7 @@ class CompletionChoice:
     tokens: list[str] = field(default_factory=list)
     token_logprobs: list[float] | None = None
     text_offsets: list[int] = field(default_factory=list)  # where each token's text starts in `text`
+    top_logprobs: list[dict[str, float]] | None = None  # per token: the n most likely tokens' text -> logprob
 
 
 @dataclass
@@ -51,6 +52,7 @@ class CompletionChunk:
     tokens: list[str] = field(default_factory=list)  # the tokens generated since the previous chunk
     token_logprobs: list[float] | None = None  # theirs, when logprobs were asked for
     text_offsets: list[int] = field(default_factory=list)  # where each token starts in the completion
+    top_logprobs: list[dict[str, float]] | None = None  # theirs, when logprobs were asked for
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens, on the final chunk
 
 

@@ -58,7 +58,7 @@ def _texts(value: str | list[str]) -> list[str]:
 async def completions(body: CompletionRequest, engine: EngineDep) -> CompletionResponse | StreamingResponse:
     requests = [EngineCompletion(model=body.model, prompt=p, max_tokens=body.max_tokens, temperature=body.temperature,
                                  top_p=body.top_p, seed=body.seed, stop=body.stops(),
-                                 logprobs=body.logprobs is not None, stream=body.stream)
+                                 logprobs=body.logprobs, stream=body.stream)
                 for p in _texts(body.prompt)]
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
@@ -81,7 +81,8 @@ def _choice(index: int, result: CompletionResult) -> CompletionChoice:
     c = result.choice
     logprobs = None
     if c.token_logprobs is not None:
-        logprobs = CompletionLogprobs(tokens=c.tokens, token_logprobs=c.token_logprobs, text_offset=c.text_offsets)
+        logprobs = CompletionLogprobs(tokens=c.tokens, token_logprobs=c.token_logprobs, text_offset=c.text_offsets,
+                                      top_logprobs=c.top_logprobs)
     return CompletionChoice(text=c.text, index=index, logprobs=logprobs, finish_reason=c.finish_reason)
 
 
@@ -93,7 +94,8 @@ async def _sse(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], met
     def event(chunk: CompletionChunk) -> str:
         logprobs = None
         if chunk.token_logprobs is not None:
-            logprobs = {"tokens": chunk.tokens, "token_logprobs": chunk.token_logprobs, "top_logprobs": None,
+            logprobs = {"tokens": chunk.tokens, "token_logprobs": chunk.token_logprobs,
+                        "top_logprobs": chunk.top_logprobs,
                         "text_offset": chunk.text_offsets}
         choice = {"text": chunk.text, "index": 0, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
         event = f"data: {json.dumps({**meta, 'choices': [choice]})}\n\n"

@@ -58,8 +58,25 @@ def test_greedy_and_seeded_sampling_are_reproducible(gpt2_client: TestClient, gp
 def test_logprobs(gpt2_client: TestClient, gpt2_adapter: str):
     choice = _complete(gpt2_client, model=gpt2_adapter, prompt="hello", logprobs=0)["choices"][0]
     lp = choice["logprobs"]
-    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) > 0
-    assert all(x <= 0 for x in lp["token_logprobs"])
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == len(lp["top_logprobs"]) > 0
+    assert all(x <= 0 for x in lp["token_logprobs"]) and lp["top_logprobs"] == [{}] * len(lp["tokens"])
+
+
+def test_top_logprobs_are_the_most_likely_tokens(gpt2_client: TestClient, gpt2_adapter: str):
+    greedy = _complete(gpt2_client, model=gpt2_adapter, prompt="hello", logprobs=3)["choices"][0]["logprobs"]
+    sampled = _complete(gpt2_client, model=gpt2_adapter, prompt="hello", logprobs=5, temperature=1.0, seed=3,
+                        max_tokens=12)["choices"][0]["logprobs"]
+    for lp in (greedy, sampled):
+        n = 3 if lp is greedy else 5
+        for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+            values = list(top.values())
+            assert 0 < len(top) <= n and values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+            assert logprob <= values[0] + 1e-6  # nothing beats the most likely token
+            if token in top and "\ufffd" not in token:  # its entry is its own logprob (partial UTF-8 bytes all
+                assert top[token] == pytest.approx(logprob, abs=1e-5)  # read U+FFFD: the likeliest keeps it)
+    # greedy decoding picks the most likely token each step, so it heads each list
+    for token, logprob, top in zip(greedy["tokens"], greedy["token_logprobs"], greedy["top_logprobs"], strict=True):
+        assert next(iter(top)) == token and top[token] == pytest.approx(logprob, abs=1e-5)
 
 
 def test_max_tokens_and_stop(gpt2_client: TestClient, gpt2_adapter: str):

@@ -24,8 +24,8 @@ def test_batched_generation_equals_each_request_alone(gpt2_dir, sampling):
 
     async def main():
         await engine.start()
-        alone = [await engine.complete(r) for r in _requests(logprobs=True, **sampling)]
-        together = await asyncio.gather(*[engine.complete(r) for r in _requests(logprobs=True, **sampling)])
+        alone = [await engine.complete(r) for r in _requests(logprobs=2, **sampling)]
+        together = await asyncio.gather(*[engine.complete(r) for r in _requests(logprobs=2, **sampling)])
         await engine.stop()
         return alone, together
 
@@ -33,6 +33,7 @@ def test_batched_generation_equals_each_request_alone(gpt2_dir, sampling):
     for a, b in zip(alone, together, strict=True):
         assert a.choice.tokens == b.choice.tokens and a.choice.text == b.choice.text
         assert a.choice.token_logprobs == pytest.approx(b.choice.token_logprobs, abs=1e-4)
+        assert [list(d) for d in a.choice.top_logprobs] == [list(d) for d in b.choice.top_logprobs]
         assert a.completion_tokens == len(a.choice.token_logprobs) <= 8
     # different adapters on the same prompt give different continuations (the adapters are live)
     assert len({r.choice.text for r in alone[::4] + alone[1::4]}) > 1
@@ -178,7 +179,7 @@ def test_streamed_text_never_splits_a_character_and_offsets_index_the_text(gpt2_
     row = _Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids)),
                                  "push": sink.push})(), 1)
     for token in ids:
-        _advance(row, token, -0.5, tok, eos=None)
+        _advance(row, token, -0.5, {}, tok, eos=None)
     streamed = "".join(c.text for c in sink.chunks) + row.text[row.sent:]  # the final chunk sends the rest
     assert streamed == row.text == text
     assert all("\ufffd" not in c.text for c in sink.chunks)
@@ -196,7 +197,8 @@ def test_streams_match_the_plain_answer_with_stop_strings_and_logprobs(gpt2_dir)
     async def collect(req):
         chunks = [c async for c in engine.stream(req)]
         return ("".join(c.text for c in chunks), [t for c in chunks for t in c.tokens],
-                [lp for c in chunks for lp in (c.token_logprobs or [])], chunks[-1].finish_reason)
+                [lp for c in chunks for lp in (c.token_logprobs or [])], chunks[-1].finish_reason,
+                [top for c in chunks for top in (c.top_logprobs or [])])
 
     async def main():
         await engine.start()
@@ -205,7 +207,7 @@ def test_streams_match_the_plain_answer_with_stop_strings_and_logprobs(gpt2_dir)
         stops = [text[i:i + 4] for i in range(1, len(text) - 4, 3)] + ["zzzz"]
         pairs = []
         for stop in stops:
-            req = dict(model="a0", prompt="the quick", max_tokens=12, temperature=0, stop=[stop], logprobs=True)
+            req = dict(model="a0", prompt="the quick", max_tokens=12, temperature=0, stop=[stop], logprobs=3)
             pairs.append((await engine.complete(CompletionRequest(**req)),
                           await collect(CompletionRequest(**req, stream=True))))
         await engine.stop()
@@ -213,9 +215,10 @@ def test_streams_match_the_plain_answer_with_stop_strings_and_logprobs(gpt2_dir)
 
     pairs = asyncio.run(main())
     assert len(pairs) > 2
-    for plain, (text, tokens, logprobs, finish) in pairs:
+    for plain, (text, tokens, logprobs, finish, top) in pairs:
         assert text == plain.choice.text and finish == plain.choice.finish_reason
         assert tokens == plain.choice.tokens and logprobs == pytest.approx(plain.choice.token_logprobs)
+        assert top == plain.choice.top_logprobs and len(top) == len(tokens)
 
 
 def test_a_short_request_is_answered_before_its_long_batch_mate_ends(gpt2_dir):
@@ -269,7 +272,7 @@ def test_the_earliest_stop_string_wins_and_offsets_stay_inside_the_text(gpt2_dir
     row = _Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids),
                                                               stop=["n", "ow"]), "push": sink.push})(), 1)
     for token in ids:
-        _advance(row, token, -0.5, tok, eos=None)
+        _advance(row, token, -0.5, {}, tok, eos=None)
         if row.finish:
             break
     assert row.text == text[:text.index("ow")] and row.finish == "stop"
