@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import AdapterError, UnknownAdapterError
 from service.engine.errors import (
+    AdapterChangedError,
     BadRequestError,
     EngineBusyError,
     EngineError,
@@ -82,6 +83,7 @@ _DOMAIN_STATUS: list[tuple[type[Exception], int]] = [
     (AdapterExistsError, 409),  # PUT without ?overwrite=true on a taken name
     (AdapterError, 422),  # bad files, unsupported features, shape/target mismatch, rank > max, merge refused
     (NonFiniteOutputError, 422),  # an adapter whose weights overflow the model's activations
+    (AdapterChangedError, 409),  # deleted or replaced while a request was generating with it
     (WrongTaskError, 400),  # e.g. completions on an encoder
     (BadRequestError, 400),  # inputs the engine cannot run (prompt too long, empty input)
     (EngineBusyError, 503),  # not ready, shutting down

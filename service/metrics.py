@@ -41,7 +41,8 @@ class Metrics:
         # the batching loop
         self.batch_size = Histogram("lora_batch_size", "Requests per forward batch", buckets=_BATCH_BUCKETS,
                                     registry=r)
-        self.forward_seconds = Histogram("lora_forward_seconds", "Time per batch forward (generation: whole batch)",
+        self.forward_seconds = Histogram("lora_forward_seconds",
+                                         "Time per batch forward (generation: per decoding step)",
                                          buckets=_LATENCY_BUCKETS, registry=r)
 
     def render(self) -> bytes:

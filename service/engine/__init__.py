@@ -3,6 +3,7 @@
 from service.base_model import LoadedBase, load_base_model
 from service.engine.engine import Engine
 from service.engine.errors import (
+    AdapterChangedError,
     BadRequestError,
     EngineBusyError,
     EngineError,
@@ -12,7 +13,6 @@ from service.engine.errors import (
 )
 from service.engine.requests import ClassifyResult, CompletionChunk, CompletionRequest, CompletionResult, EmbedResult
 
-__all__ = ["BadRequestError", "ClassifyResult", "CompletionChunk", "CompletionRequest", "CompletionResult",
-           "EmbedResult", "Engine", "EngineBusyError", "EngineError", "LoadedBase", "NonFiniteOutputError",
-           "UnknownAdapterError",
-           "WrongTaskError", "load_base_model"]
+__all__ = ["AdapterChangedError", "BadRequestError", "ClassifyResult", "CompletionChunk", "CompletionRequest",
+           "CompletionResult", "EmbedResult", "Engine", "EngineBusyError", "EngineError", "LoadedBase",
+           "NonFiniteOutputError", "UnknownAdapterError", "WrongTaskError", "load_base_model"]

@@ -1,4 +1,5 @@
-"""Running one gathered group of requests: admission checks, the forward, and per-request results.
+"""Running one gathered group of text requests (embed, classify): admission checks, the forward, and
+per-request results. Generation runs in service/engine/decoding.py (rows join a running decode).
 
 Called by the engine's loop thread, under the engine lock, once the group's adapters are resident and
 the merge policy has run. Every request gets exactly one outcome (a result or an error), and a request
@@ -12,7 +13,7 @@ import math
 from adapters import LoraModel
 from service.base_model import LoadedBase
 from service.engine.errors import NonFiniteOutputError
-from service.engine.generation import check_generation, generate_batch
+from service.engine.generation import check_generation
 from service.engine.requests import ClassifyResult, EmbedResult, WorkItem
 from service.engine.runner import check_classify, classify_rows, embed_rows
 
@@ -39,18 +40,13 @@ def admissible(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> list[W
 
 
 def run_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
-    """One forward (or one decoding loop) for the whole group. An unexpected failure of a text batch
-    reruns its requests one by one, so only the request that causes it gets the error; generation
-    streams as it goes, so its batch cannot be rerun and all of its requests fail."""
+    """One forward for the whole group. An unexpected failure reruns its requests one by one, so only the
+    request that causes it gets the error."""
     try:
-        if items[0].kind == "generate":
-            generate_batch(lm, base, items)
-        else:
-            _run_texts(lm, base, items)
+        _run_texts(lm, base, items)
     except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handlers
-        if len(items) == 1 or items[0].kind == "generate":
-            for item in items:
-                item.fail(exc)
+        if len(items) == 1:
+            items[0].fail(exc)
             return
         for item in items:
             try:

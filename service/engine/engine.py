@@ -4,10 +4,15 @@
                                                                   ├─ gather ≤ max_batch_size items / ≤ max_wait_ms
                                                                   ├─ merge policy (hysteresis) under the lock
                                                                   ├─ make the batch's adapters resident (LRU)
-                                                                  └─ one forward for all rows, any adapter mix
+                                                                  ├─ one forward for all rows, any adapter mix
+                                                                  └─ generation: newcomers join the running
+                                                                     decode; one decoding step per turn
 
 Every weight change (merge, unmerge, switch, adapter in/out) and every forward runs on the loop thread
-while holding `self.lock`, so a forward never sees half-merged weights. Reading an adapter from disk
+while holding `self.lock`, so a forward never sees half-merged weights. While a decode runs, the loop
+takes what has queued without waiting, runs it, then one decoding step (continuous batching: see
+decoding.py); a merge between two steps leaves every row exact, and the adapters of running rows stay
+resident until those rows end. Reading an adapter from disk
 and validating it happens off the loop (in `asyncio.to_thread`), so a cold adapter does not stall
 batches of warm ones.
 """
@@ -26,7 +31,8 @@ from adapters import LoraModel, LoraWeights, MergeError, validate_adapter
 from adapters.validation import model_index
 from service.base_model import LoadedBase
 from service.engine.batch import admissible, run_batch
-from service.engine.errors import BadRequestError, EngineBusyError, WrongTaskError
+from service.engine.decoding import Decoder
+from service.engine.errors import AdapterChangedError, BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.fingerprint import fingerprint
 from service.engine.policy import MergePolicy
 from service.engine.requests import (
@@ -62,6 +68,8 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._loads: dict[str, asyncio.Future] = {}
+        self.decoder = Decoder(self.lm, base) if base.task == "generate" else None
+        self._waiting: list[WorkItem] = []  # generation requests that cannot join the running decode
         self.ready = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -76,6 +84,9 @@ class Engine:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)
         # Whatever was queued behind the stop is answered, not left hanging: 503 for its handler.
+        waiting, self._waiting = self._waiting, []  # only if the loop did not end (the join timed out)
+        for item in waiting:
+            item.fail(EngineBusyError("the service is shutting down"))
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -119,6 +130,8 @@ class Engine:
         self.host_cache.pop(name)
 
         def drop() -> None:
+            if self.decoder is not None and name in self.decoder.adapters():
+                self.decoder.fail(AdapterChangedError(name, replaced), adapter=name)  # never finish on stale weights
             repin = replaced and self.pinned and self.lm.merged_adapter == name
             self.policy.forget(name)  # its past traffic must not make `auto` merge it (or its successor)
             self._evict(name, force=True)
@@ -149,7 +162,7 @@ class Engine:
                 self.lm.unmerge()
             else:
                 self.tiers.add_resident(name, preloaded)
-                self.tiers.trim(protect=protect | {name})
+                self.tiers.trim(protect=protect | {name} | self._busy())
                 self.lm.merge(name)
         if self.metrics is not None:
             self.metrics.merges.labels(kind=kind).inc()
@@ -250,25 +263,50 @@ class Engine:
         return await fut
 
     def _loop(self) -> None:
+        stopping = False
         while True:
-            first = self._queue.get()
-            if first is _STOP:
+            decoding = self.decoder is not None and self.decoder.active
+            if self._waiting and self._room() > 0:  # requests that waited for rows to end: first come, first in
+                waiting, self._waiting = self._waiting, []
+                self._run_group(waiting)
+                continue
+            if stopping and not decoding:
                 return
-            batch, controls = self._gather(first)
-            # Controls first: an eviction after a DELETE or overwrite, or a merge, was asked for before (or
-            # while) these requests queued, so they must see its effect, never the stale weights.
-            for control in controls:
-                self._run_control(control)
-            for group in self._groups(batch):
-                self._run_group(group)
+            first = None
+            if not stopping:
+                try:  # while decoding, never wait: the running rows need their next step
+                    first = self._queue.get_nowait() if decoding else self._queue.get()
+                except queue.Empty:
+                    pass
+            if first is _STOP:
+                stopping = True  # the running decode finishes; nothing new is taken
+            elif first is not None:
+                batch, controls = self._gather(first, wait=not decoding)
+                # Controls first: an eviction after a DELETE or overwrite, or a merge, was asked for before (or
+                # while) these requests queued, so they must see its effect, never the stale weights.
+                for control in controls:
+                    self._run_control(control)
+                for group in self._groups(batch):
+                    self._run_group(group)
+            if self.decoder is not None and self.decoder.active:
+                self._step()
 
-    def _gather(self, first: Any) -> tuple[list[WorkItem], list[Any]]:
+    def _room(self) -> int:
+        """How many more rows the running decode takes now: up to max_batch_size, and none mid-decode when
+        this model's cache cannot take newcomers."""
+        return self.settings.max_batch_size - self.decoder.running() if self.decoder.can_join() else 0
+
+    def _busy(self) -> set[str]:
+        """Adapters that running generation rows use: never evicted, whatever the bounds."""
+        return self.decoder.adapters() if self.decoder is not None else set()
+
+    def _gather(self, first: Any, wait: bool = True) -> tuple[list[WorkItem], list[Any]]:
         batch: list[WorkItem] = []
         controls: list[Any] = []
         (controls if _is_control(first) else batch).append(first)
         if not batch:
             return batch, controls
-        deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+        deadline = time.perf_counter() + (self.settings.max_wait_ms / 1000 if wait else 0.0)
         while len(batch) < self.settings.max_batch_size:
             remaining = deadline - time.perf_counter()
             try:
@@ -302,6 +340,13 @@ class Engine:
             control.resolve(result)
 
     def _run_group(self, items: list[WorkItem]) -> None:
+        generate = items[0].kind == "generate"
+        if generate:  # the running decode takes what it has room for; the rest waits for rows to end
+            room = max(self._room(), 0)
+            items, overflow = items[:room], items[room:]
+            self._waiting.extend(overflow)
+            if not items:
+                return
         started = time.perf_counter()
         with self.lock:
             try:
@@ -309,11 +354,34 @@ class Engine:
                 if not items:
                     return
                 self._apply_policy(items)
-                run_batch(self.lm, self.base, items)
+                if generate:
+                    self._join(items)
+                else:
+                    run_batch(self.lm, self.base, items)
             finally:
-                self.tiers.trim(protect=set())  # a batch may overshoot the bounds; not beyond it
+                self.tiers.trim(protect=self._busy())  # a batch may overshoot the bounds; not beyond it
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(items))
+            if not generate:  # a decode's time is observed per step
+                self.metrics.forward_seconds.observe(time.perf_counter() - started)
+
+    def _join(self, items: list[WorkItem]) -> None:
+        try:
+            self.decoder.join(items)
+        except Exception as exc:  # noqa: BLE001 - the newcomers' prefill failed: they fail, running rows go on
+            for item in items:
+                item.fail(exc)
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        with self.lock:
+            try:
+                self.decoder.step()
+            except Exception as exc:  # noqa: BLE001 - the rows share this forward, so all of them fail
+                self.decoder.fail(exc)
+            finally:
+                self.tiers.trim(protect=self._busy())  # rows that ended no longer hold their adapters
+        if self.metrics is not None:
             self.metrics.forward_seconds.observe(time.perf_counter() - started)
 
     def _residents_for(self, items: list[WorkItem]) -> list[WorkItem]:
@@ -330,7 +398,7 @@ class Engine:
                 self.tiers.add_resident(name, preloaded[name])
             except Exception as exc:  # noqa: BLE001
                 failed[name] = exc
-        self.tiers.trim(protect=names)
+        self.tiers.trim(protect=names | self._busy())
         for item in items:
             if item.adapter in failed:
                 item.fail(failed[item.adapter])

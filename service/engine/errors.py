@@ -5,7 +5,7 @@ from __future__ import annotations
 from adapters.errors import UnknownAdapterError
 
 __all__ = ["EngineError", "EngineBusyError", "WrongTaskError", "BadRequestError", "UnknownAdapterError",
-           "NonFiniteOutputError"]
+           "NonFiniteOutputError", "AdapterChangedError"]
 
 
 class EngineError(Exception):
@@ -32,4 +32,14 @@ class NonFiniteOutputError(EngineError):
     def __init__(self, adapter: str | None) -> None:
         super().__init__(f"adapter {adapter or 'base'!r} produced non-finite outputs (NaN or infinity) for this input; "
                          "its weights are too large for this base model and dtype")
+        self.key = adapter
+
+
+class AdapterChangedError(EngineError):
+    """The adapter was deleted or replaced while a request was still generating with it (HTTP 409)."""
+
+    def __init__(self, adapter: str, replaced: bool) -> None:
+        change = "replaced by a new version" if replaced else "deleted"
+        super().__init__(f"adapter {adapter!r} was {change} while this request was generating with it; "
+                         "send the request again")
         self.key = adapter

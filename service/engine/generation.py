@@ -1,9 +1,8 @@
-"""Batched decoding with a KV cache, across requests and adapters.
+"""One generated row's life: sampling, stop strings, logprobs, and the text it streams.
 
-Prompts are left-padded into one batch; each row keeps its own adapter (routed per row), its own
-sampling settings and its own seeded generator, so a request's tokens do not depend on what else
-shares its batch. Position ids are computed from the attention mask, so left padding does not shift
-positions. Every decoding step is one forward for all unfinished rows.
+The batch these rows decode in (prefill, KV cache, joins between steps) is service/engine/decoding.py.
+Each row keeps its own adapter, sampling settings and seeded generator, so its tokens do not depend on
+what else shares its batch.
 
 Streaming sends text, not tokens: a byte-level BPE token can end in the middle of a UTF-8 character,
 which decodes to U+FFFD until the next token completes it, so a trailing U+FFFD is held back until then;
@@ -18,19 +17,17 @@ import inspect
 
 import torch
 
-from adapters import LoraModel
 from service.base_model import LoadedBase
-from service.engine.errors import BadRequestError, NonFiniteOutputError
+from service.engine.errors import BadRequestError
 from service.engine.requests import CompletionChoice, CompletionChunk, CompletionResult, WorkItem
-from service.engine.runner import routing
 
-__all__ = ["check_generation", "generate_batch"]
+__all__ = ["Row", "advance", "cache_argument", "cache_of", "check_generation", "complete", "sample", "top_logprobs"]
 
 _GREEDY_BELOW = 1e-5
 _PARTIAL = "\ufffd"  # what decoding gives for an incomplete UTF-8 sequence
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     """One token id from (V,) logits: greedy at temperature 0, else nucleus sampling."""
     if temperature < _GREEDY_BELOW:  # logits / 1e-39 overflow to inf and softmax gives NaN: that is greedy
         return int(torch.argmax(logits))
@@ -42,7 +39,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-class _Row:
+class Row:
     def __init__(self, item: WorkItem, prompt_len: int) -> None:
         req = item.payload
         self.item, self.req, self.prompt_len = item, req, prompt_len
@@ -70,56 +67,7 @@ def check_generation(base: LoadedBase, item: WorkItem) -> None:
                               f"context of {base.max_length} tokens")
 
 
-@torch.inference_mode()
-def generate_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
-    tok = base.tokenizer
-    prompts = [it.payload.prompt for it in items]
-    enc = tok(prompts, padding=True, return_tensors="pt", padding_side="left")
-    ids, mask = enc["input_ids"].to(base.device), enc["attention_mask"].to(base.device)  # (B, T)
-    rows = [_Row(it, int(m.sum())) for it, m in zip(items, enc["attention_mask"], strict=True)]
-    names = [it.adapter for it in items]
-    eos = tok.eos_token_id
-    with routing(lm, names):
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding keeps real positions at 0..n-1
-        out = base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache_arg = _cache_argument(base.model)
-        past = _cache_of(out)
-        logits = out.logits[:, -1].float()  # (B, V)
-        for _ in range(max(r.req.max_tokens for r in rows)):
-            next_ids = []
-            finite = torch.isfinite(logits).all(-1).tolist()  # (B,): an adapter may overflow its own rows
-            for i, row in enumerate(rows):
-                if row.finish is None and row.item.abandoned:
-                    row.finish = "abandoned"  # its client disconnected: stop spending steps on it
-                if row.finish is None and not finite[i]:
-                    row.finish = "error"
-                    row.item.fail(NonFiniteOutputError(row.item.adapter))
-                if row.finish is not None:
-                    next_ids.append(eos if eos is not None else 0)
-                    continue
-                token = _sample(logits[i], row.req.temperature, row.req.top_p, row.gen)
-                logprobs = torch.log_softmax(logits[i], -1)  # (V,): the model's own distribution, not the sampler's
-                _advance(row, token, logprobs[token].item(), _top(logprobs, row.req.logprobs, tok), tok, eos)
-                next_ids.append(token)
-                if row.finish is not None:  # answered now, not when the batch's longest request ends
-                    _complete(row)
-            if all(r.finish is not None for r in rows):
-                break
-            step = torch.tensor(next_ids, device=base.device).unsqueeze(1)  # (B, 1)
-            mask = torch.cat([mask, torch.ones_like(step)], dim=1)  # (B, T+1)
-            # (B, 1). A finished row still rides along (its output is ignored) but must not run past the
-            # position table: a short prompt may decode far longer than a long prompt next to it.
-            pos = (pos[:, -1:] + 1).clamp(max=base.max_length - 1)
-            out = base.model(input_ids=step, attention_mask=mask, position_ids=pos, use_cache=True,
-                             **{cache_arg: past})
-            past, logits = _cache_of(out), out.logits[:, -1].float()
-    for row in rows:  # what is left: rows that ran to the end, and rows that never ran (max_tokens=0)
-        if row.finish is None:
-            row.finish = "length"
-        _complete(row)
-
-
-def _top(logprobs: torch.Tensor, n: int | None, tok) -> dict[str, float]:
+def top_logprobs(logprobs: torch.Tensor, n: int | None, tok) -> dict[str, float]:
     """The n most likely next tokens, text -> logprob (OpenAI's top_logprobs). Two ids that decode to the same
     text (an incomplete UTF-8 byte, for one) keep the likelier one, so a dict may hold fewer than n."""
     if not n:
@@ -131,18 +79,18 @@ def _top(logprobs: torch.Tensor, n: int | None, tok) -> dict[str, float]:
     return top
 
 
-def _cache_argument(model: torch.nn.Module) -> str:
+def cache_argument(model: torch.nn.Module) -> str:
     """The KV cache's keyword: `cache` in recent transformers (which deprecates `past_key_values` and will
     drop it), `past_key_values` before; the project's transformers range spans both."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _cache_of(out) -> object:
+def cache_of(out) -> object:
     cache = out.get("cache")
     return cache if cache is not None else out.get("past_key_values")
 
 
-def _complete(row: _Row) -> None:
+def complete(row: Row) -> None:
     """The final chunk (any held-back text and tokens, and the finish reason), then the whole result."""
     if row.answered or row.finish in ("error", "abandoned"):
         return  # answered already, failed, or nobody is waiting
@@ -157,7 +105,7 @@ def _complete(row: _Row) -> None:
     row.item.resolve(CompletionResult(choice, row.prompt_len, len(row.ids)))
 
 
-def _chunk(row: _Row, upto: int, finish: str | None = None) -> CompletionChunk:
+def _chunk(row: Row, upto: int, finish: str | None = None) -> CompletionChunk:
     """text[sent:upto], with every token generated since the last chunk (their logprobs and offsets)."""
     tokens, first, wanted = row.tokens[row.unsent:], row.unsent, row.req.logprobs is not None
     chunk = CompletionChunk(row.text[row.sent:upto], finish, tokens, row.logprobs[first:] if wanted else None,
@@ -179,7 +127,7 @@ def _held_back(text: str, stops: list[str]) -> int:
     return len(text) - len(visible) + hold
 
 
-def _advance(row: _Row, token: int, logprob: float, top: dict[str, float], tok, eos: int | None) -> None:
+def advance(row: Row, token: int, logprob: float, top: dict[str, float], tok, eos: int | None) -> None:
     """Append one token; emit the new text; stop on EOS, a stop string, or max_tokens."""
     if eos is not None and token == eos:
         row.finish = "stop"
@@ -200,7 +148,7 @@ def _advance(row: _Row, token: int, logprob: float, top: dict[str, float], tok, 
     row.top.append(top)
     if row.finish is None and len(row.ids) >= row.req.max_tokens:
         row.finish = "length"
-    if row.finish is None:  # the final chunk (_complete) sends whatever is left
+    if row.finish is None:  # the final chunk (complete) sends whatever is left
         visible = len(text) - _held_back(text, row.req.stop)
         if visible > row.sent:
             row.item.push(_chunk(row, visible))

@@ -169,17 +169,17 @@ class _Sink:
 def test_streamed_text_never_splits_a_character_and_offsets_index_the_text(gpt2_dir):
     """Byte-level BPE: "é" is two byte tokens; the first alone decodes to U+FFFD, which must not be sent."""
     from service.base_model import load_base_model
-    from service.engine.generation import _advance, _Row
+    from service.engine.generation import Row, advance
 
     tok = load_base_model(str(gpt2_dir), "cpu", "float32").tokenizer
     text = "fox é and ☃!"
     ids = tok(text)["input_ids"]
     assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs tokens that split a character"
     sink = _Sink()
-    row = _Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids)),
+    row = Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids)),
                                  "push": sink.push})(), 1)
     for token in ids:
-        _advance(row, token, -0.5, {}, tok, eos=None)
+        advance(row, token, -0.5, {}, tok, eos=None)
     streamed = "".join(c.text for c in sink.chunks) + row.text[row.sent:]  # the final chunk sends the rest
     assert streamed == row.text == text
     assert all("\ufffd" not in c.text for c in sink.chunks)
@@ -262,17 +262,17 @@ def test_a_request_that_races_a_stop_is_refused_not_left_waiting(gpt2_dir):
 
 def test_the_earliest_stop_string_wins_and_offsets_stay_inside_the_text(gpt2_dir):
     from service.base_model import load_base_model
-    from service.engine.generation import _advance, _Row
+    from service.engine.generation import Row, advance
 
     tok = load_base_model(str(gpt2_dir), "cpu", "float32").tokenizer
     ids = tok("the quick brown fox")["input_ids"]
     text = tok.decode(ids)
     # "own" is one token holding both stops; the one earlier in the text ("ow") wins, not the first listed.
     sink = _Sink()
-    row = _Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids),
+    row = Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids),
                                                               stop=["n", "ow"]), "push": sink.push})(), 1)
     for token in ids:
-        _advance(row, token, -0.5, {}, tok, eos=None)
+        advance(row, token, -0.5, {}, tok, eos=None)
         if row.finish:
             break
     assert row.text == text[:text.index("ow")] and row.finish == "stop"
