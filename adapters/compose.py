@@ -35,14 +35,17 @@ class ComposeResult:
 
 
 def _truncate(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Best rank-k factors of b @ a; returns (A_k (k, in), B_k (out, k), discarded energy, total energy)."""
-    qb, rb = torch.linalg.qr(b)  # b: (out, R) -> qb (out, R), rb (R, R)
-    qa, ra = torch.linalg.qr(a.T)  # a.T: (in, R) -> qa (in, R), ra (R, R)
+    """Best rank-k factors of b @ a; returns (A_k (k, in), B_k (out, k), discarded energy, total energy).
+    In float64 (the factors are small): float32 loses the error of tiny deltas (weights near 1e-25) whose
+    intermediate products and squared singular values underflow."""
+    qb, rb = torch.linalg.qr(b.double())  # b: (out, R) -> qb (out, R), rb (R, R)
+    qa, ra = torch.linalg.qr(a.double().T)  # a.T: (in, R) -> qa (in, R), ra (R, R)
     u, s, vh = torch.linalg.svd(rb @ ra.T)  # (R, R) core: b @ a = qb @ core @ qa.T
     k = min(k, s.numel())
     b_k = (qb @ u[:, :k]) * s[:k]  # (out, k)
     a_k = vh[:k] @ qa.T  # (k, in)
-    return a_k, b_k, float((s[k:] ** 2).sum()), float((s ** 2).sum())
+    s2 = s ** 2
+    return a_k.to(a.dtype), b_k.to(b.dtype), float(s2[k:].sum()), float(s2.sum())
 
 
 def compose(items: Sequence[tuple[LoraWeights, float]], *, rank: int | None = None) -> ComposeResult:
@@ -83,7 +86,7 @@ def compose(items: Sequence[tuple[LoraWeights, float]], *, rank: int | None = No
                 raise AdapterError(f"SVD truncation overflows float32 at {path}; use smaller weights", key=path)
             discarded, total = discarded + d, total + t
         elif rank is not None:
-            total += float(torch.linalg.matrix_norm(b_cat @ a_cat) ** 2)
+            total += float(torch.linalg.matrix_norm(b_cat.double() @ a_cat.double())) ** 2  # float64, as _truncate
         lora[path] = (a_cat.contiguous(), b_cat.contiguous())
     ranks = {p: int(a.shape[0]) for p, (a, _) in lora.items()}
     # Scaling 1 everywhere: alpha = r per module, written as exact-path patterns PEFT understands.

@@ -92,6 +92,14 @@ def test_svd_truncation_reports_the_true_relative_error(rank):
     assert math.sqrt(err2 / total2) == pytest.approx(want, rel=1e-3, abs=1e-6)  # the reported error is the real one
 
 
+def test_the_reported_error_does_not_underflow_for_tiny_weights():
+    """The error is relative, so scaling every weight by 1e-25 must not change it (squares of singular
+    values near 1e-25 underflow float32)."""
+    items = _items()
+    tiny = [(weights, w * 1e-25) for weights, w in items]
+    assert compose(tiny, rank=2).relative_error == pytest.approx(compose(items, rank=2).relative_error, rel=1e-4)
+
+
 def test_truncation_is_exact_when_rank_covers_the_total():
     items = _items()
     total_rank = max(compose(items).ranks.values())
