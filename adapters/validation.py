@@ -187,9 +187,10 @@ def _check_detached_head(model: nn.Module, saved: dict[str, torch.Tensor], modul
     detached = {k: t for k, t in saved.items() if k.rpartition(".")[0] not in modules}
     w, b = detached.get("classifier.weight"), detached.get("classifier.bias")
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if w is not None and (w.dim() != 2 or (hidden is not None and w.shape[1] != hidden)):
+    if w is not None and (w.dim() != 2 or w.shape[0] == 0 or (hidden is not None and w.shape[1] != hidden)):
         key = PREFIX + "classifier.weight"
-        raise AdapterMismatchError(f"{key}: shape {tuple(w.shape)}, expected (labels, {hidden or 'hidden'})", key=key)
+        raise AdapterMismatchError(f"{key}: shape {tuple(w.shape)}, expected (labels >= 1, {hidden or 'hidden'})",
+                                   key=key)
     if b is not None and (w is None or tuple(b.shape) != (w.shape[0],)):
         key = PREFIX + "classifier.bias"
         expected = "no bias without classifier.weight" if w is None else f"({w.shape[0]},)"

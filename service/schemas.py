@@ -131,8 +131,8 @@ class CompletionRequest(BaseModel):
     model: str = Field(description="An adapter name, or 'base'")
     prompt: Texts = Field(description="A prompt, or a list of prompts (one choice each)")
     max_tokens: int = Field(16, ge=0, le=8192)
-    temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 stop strings")
     logprobs: int | None = Field(None, ge=0, le=5, description="Each sampled token's logprob, and the `logprobs` "

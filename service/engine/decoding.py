@@ -129,9 +129,15 @@ class Decoder:
             if row.finish is not None:
                 next_ids.append(eos if eos is not None else 0)  # a rider, when the cache cannot drop rows
                 continue
-            token = sample(self._logits[i], row.req.temperature, row.req.top_p, row.gen)
-            logprobs = torch.log_softmax(self._logits[i], -1)  # (V,): the model's own distribution
-            advance(row, token, logprobs[token].item(), top_logprobs(logprobs, row.req.logprobs, tok), tok, eos)
+            try:
+                token = sample(self._logits[i], row.req.temperature, row.req.top_p, row.gen)
+                logprobs = torch.log_softmax(self._logits[i], -1)  # (V,): the model's own distribution
+                advance(row, token, logprobs[token].item(), top_logprobs(logprobs, row.req.logprobs, tok), tok, eos)
+            except Exception as exc:  # noqa: BLE001 - this row's own settings or text failed: it fails alone
+                row.finish = "error"
+                row.item.fail(exc)
+                next_ids.append(eos if eos is not None else 0)
+                continue
             next_ids.append(token)
             if row.finish is not None:  # answered now, not when the batch's longest request ends
                 complete(row)

@@ -31,10 +31,13 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     """One token id from (V,) logits: greedy at temperature 0, else nucleus sampling."""
     if temperature < _GREEDY_BELOW:  # logits / 1e-39 overflow to inf and softmax gives NaN: that is greedy
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Shifted so the largest is 0 before dividing: large logits over a small temperature would overflow to
+    # inf (and softmax to NaN); shifted, the worst is -inf, which softmax takes as probability 0.
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # always keeps the top token
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
+        keep[0] = True  # the top token, always: a top_p below float32's smallest value compares as 0
         probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
 
@@ -51,7 +54,10 @@ class Row:
         self.logprobs: list[float] = []
         self.top: list[dict[str, float]] = []  # per token, with logprobs=n: the n most likely tokens
         self.tokens: list[str] = []  # each token's own text
-        self.offsets: list[int] = []  # where each token's text starts in `text`
+        self.offsets: list[int] = []  # where each streamed token's text starts in `text`
+        # Per token, the text before it as (length of its settled part, length of its trailing U+FFFD run):
+        # whether those U+FFFD are incomplete characters or final replacements only shows later.
+        self.starts: list[tuple[int, int]] = []
         self.finish: str | None = None if req.max_tokens > 0 else "length"
         self.answered = False
 
@@ -106,12 +112,31 @@ def complete(row: Row) -> None:
 
 
 def _chunk(row: Row, upto: int, finish: str | None = None) -> CompletionChunk:
-    """text[sent:upto], with every token generated since the last chunk (their logprobs and offsets)."""
-    tokens, first, wanted = row.tokens[row.unsent:], row.unsent, row.req.logprobs is not None
-    chunk = CompletionChunk(row.text[row.sent:upto], finish, tokens, row.logprobs[first:] if wanted else None,
-                            row.offsets[first:], top_logprobs=row.top[first:] if wanted else None)
-    row.sent, row.unsent = upto, len(row.tokens)
+    """text[sent:upto], with the tokens generated since the last chunk whose start in the text is known by
+    now (all of them in the final chunk), with their logprobs and offsets."""
+    first, last, wanted = row.unsent, row.unsent, row.req.logprobs is not None
+    while last < len(row.tokens):
+        offset = _offset(row.starts[last], row.text, upto)
+        if finish is None and offset >= upto:  # it starts in text not sent yet: its start may still move
+            break
+        row.offsets.append(max(offset, row.offsets[-1] if row.offsets else 0))
+        last += 1
+    chunk = CompletionChunk(row.text[row.sent:upto], finish, row.tokens[first:last],
+                            row.logprobs[first:last] if wanted else None, row.offsets[first:last],
+                            top_logprobs=row.top[first:last] if wanted else None)
+    row.sent, row.unsent = upto, last
     return chunk
+
+
+def _offset(start: tuple[int, int], text: str, upto: int) -> int:
+    """Where a token starts in text[:upto]: after the settled text before it, and after those of the U+FFFD
+    that followed it which turned out final (still U+FFFD in the text); a U+FFFD that a later token completed
+    into a character is where this token starts, since its bytes begin that character."""
+    settled, run = start
+    offset = min(settled, upto)
+    while offset < min(settled + run, upto) and text[offset] == _PARTIAL:
+        offset += 1
+    return offset
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -139,10 +164,9 @@ def advance(row: Row, token: int, logprob: float, top: dict[str, float], tok, eo
     cuts = [c for stop in row.req.stop if (c := text.find(stop, max(0, len(previous) - len(stop)))) != -1]
     if cuts:
         text, row.finish = text[:min(cuts)], "stop"
-        row.offsets = [min(o, len(text)) for o in row.offsets]  # tokens whose text the cut removed
     row.text = text
-    # A token that completes a held-back character starts where that character does.
-    row.offsets.append(min(len(previous.rstrip(_PARTIAL)), len(text)))
+    settled = len(previous.rstrip(_PARTIAL))
+    row.starts.append((settled, len(previous) - settled))
     row.tokens.append(tok.decode([token], skip_special_tokens=True))
     row.logprobs.append(logprob)
     row.top.append(top)

@@ -57,10 +57,10 @@ def check_classify(lm: LoraModel, base: LoadedBase, adapter: str | None) -> None
     if base.task == "classify":
         return
     head = lm.detached.get(adapter or "", {})
-    if "classifier.weight" not in head:
+    others = sorted(k for k in head if k not in ("classifier.weight", "classifier.bias"))
+    if not others and "classifier.weight" not in head:
         raise BadRequestError(f"adapter {adapter or 'base'!r} carries no classifier head (modules_to_save) and "
                               "the base model is not a classifier")
-    others = sorted(k for k in head if k not in ("classifier.weight", "classifier.bias"))
     if others:  # e.g. DistilBERT's pre_classifier: applying only `classifier` would give wrong scores
         raise BadRequestError(f"adapter {adapter!r} carries a classifier head with more than one layer ({others[0]}"
                               "...); on a bare encoder only a single `classifier` layer can be applied. Serve it on "

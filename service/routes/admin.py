@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from service.deps import BaseDep, EngineDep, MetricsDep, RequireAdmin, StoreDep
 from service.operations import compose_adapters
@@ -28,10 +30,14 @@ async def unmerge(engine: EngineDep) -> StateResponse:
 
 @router.post("/compose", status_code=201, response_model=ComposeResponse, summary="Store a weighted combination",
              responses=error_responses(404, 409, 422))
-async def compose(body: ComposeRequest, engine: EngineDep, store: StoreDep, base: BaseDep,
-                  metrics: MetricsDep) -> ComposeResponse:
+async def compose(body: ComposeRequest, engine: EngineDep, store: StoreDep, base: BaseDep, metrics: MetricsDep,
+                  overwrite: Annotated[bool, Query(description="Store a new version if the name exists (as "
+                                                               "\"overwrite\": true in the body)")] = False
+                  ) -> ComposeResponse:
     """ΔW = Σ wᵢ·ΔWᵢ exactly (the ranks add up), or its best rank-`rank` approximation, whose relative
     Frobenius error is reported. The result is validated and stored like an upload."""
+    if overwrite:  # the same switch as an upload's, so the 409's advice works here too
+        body = body.model_copy(update={"overwrite": True})
     record, result = await compose_adapters(engine, store, metrics, body)
     return ComposeResponse.of(record, base.num_parameters, base.nbytes, relative_error=result.relative_error,
                               ranks=result.ranks)

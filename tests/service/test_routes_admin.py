@@ -174,6 +174,8 @@ def test_compose_truncated_reports_its_error(bert_client: TestClient, unique: st
     assert bert_client.post("/v1/compose", json=body).status_code == 409
     again = bert_client.post("/v1/compose", json={**body, "rank": 8, "overwrite": True})
     assert again.status_code == 201 and again.json()["version"] == 2 and again.json()["relative_error"] < 1e-6
+    as_advised = bert_client.post("/v1/compose?overwrite=true", json=body)  # what the 409 says to do
+    assert as_advised.status_code == 201 and as_advised.json()["version"] == 3 and as_advised.json()["rank"] == 2
 
 
 @pytest.mark.parametrize("case", ["unknown", "too_large", "bad_name", "empty", "bad_rank", "extra_field",

@@ -143,6 +143,19 @@ def test_completion_validation_is_422(gpt2_client: TestClient, body: dict):
     assert r.status_code == 422 and r.json()["error"]["type"] == "validation_error"
 
 
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_non_finite_sampling_settings_are_422_saying_so(gpt2_client: TestClient, field: str):
+    body = '{"model": "base", "prompt": "x", "' + field + '": NaN}'
+    r = gpt2_client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "finite" in r.json()["error"]["message"]
+
+
+def test_a_top_p_below_float32_range_keeps_the_top_token(gpt2_client: TestClient):
+    greedy = _complete(gpt2_client, model="base", prompt="hello", max_tokens=4)["choices"][0]["text"]
+    tiny = _complete(gpt2_client, model="base", prompt="hello", max_tokens=4, temperature=1.0, top_p=1e-300)
+    assert tiny["choices"][0]["text"] == greedy
+
+
 def test_prompt_longer_than_the_model_is_400(gpt2_client: TestClient):
     r = gpt2_client.post("/v1/completions", json={"model": "base", "prompt": "hello " * 100, "max_tokens": 100})
     assert r.status_code == 400 and "exceeds" in r.json()["error"]["message"]
@@ -246,6 +259,7 @@ def test_models_lists_base_and_adapters(gpt2_client: TestClient, gpt2_adapter: s
     {"classifier.weight": torch.randn(64)},  # not 2-D
     {"classifier.weight": torch.randn(2, 32), "classifier.bias": torch.zeros(3)},  # labels disagree
     {"classifier.bias": torch.zeros(2)},  # a bias without a weight
+    {"classifier.weight": torch.randn(0, 32)},  # no labels
 ])
 def test_a_detached_head_of_the_wrong_shape_is_refused_at_upload(bert_client: TestClient, unique: str, head):
     r = bert_client.put(f"/v1/adapters/{unique}", files=peft_files(make_adapter(BERT_TARGETS, modules_to_save=head)))
@@ -253,13 +267,18 @@ def test_a_detached_head_of_the_wrong_shape_is_refused_at_upload(bert_client: Te
     assert bert_client.get(f"/v1/adapters/{unique}").status_code == 404
 
 
-def test_a_multi_layer_head_on_an_encoder_is_not_half_applied(bert_client: TestClient, unique: str):
-    head = {"pre_classifier.weight": torch.randn(32, 32), "pre_classifier.bias": torch.zeros(32),
-            "classifier.weight": torch.randn(2, 32), "classifier.bias": torch.zeros(2)}
+@pytest.mark.parametrize("head", [
+    {"pre_classifier.weight": torch.randn(32, 32), "pre_classifier.bias": torch.zeros(32),  # DistilBERT's
+     "classifier.weight": torch.randn(2, 32), "classifier.bias": torch.zeros(2)},
+    {"classifier.dense.weight": torch.randn(32, 32), "classifier.dense.bias": torch.zeros(32),  # RoBERTa's
+     "classifier.out_proj.weight": torch.randn(2, 32), "classifier.out_proj.bias": torch.zeros(2)},
+], ids=["pre_classifier", "nested"])
+def test_a_multi_layer_head_on_an_encoder_is_not_half_applied(bert_client: TestClient, unique: str, head):
     _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=6, modules_to_save=head))
     assert bert_client.post("/v1/embeddings", json={"model": unique, "input": "hello"}).status_code == 200
     r = bert_client.post("/v1/classify", json={"model": unique, "input": "hello"})
-    assert r.status_code == 400 and "pre_classifier" in r.json()["error"]["message"]
+    message = r.json()["error"]["message"]
+    assert r.status_code == 400 and "more than one layer" in message and next(iter(sorted(head))) in message
 
 
 def test_an_adapter_far_larger_than_any_trained_one_is_refused_at_upload(bert_client: TestClient, unique: str):

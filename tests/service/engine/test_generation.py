@@ -160,33 +160,68 @@ def test_a_tiny_temperature_is_greedy_not_nan(gpt2_dir):
 
 class _Sink:
     def __init__(self):
-        self.chunks = []
+        self.chunks, self.result = [], None
 
     def push(self, chunk):
-        self.chunks.append(chunk)
+        if chunk is not None:
+            self.chunks.append(chunk)
+
+    def resolve(self, result):
+        self.result = result
+
+
+def _decode_all(tok, ids, **request) -> tuple[object, _Sink]:
+    """Feed `ids` to a row as if sampled, then complete it: (the row, what it streamed and answered)."""
+    from service.engine.generation import Row, advance, complete
+
+    sink = _Sink()
+    req = CompletionRequest(model="a0", prompt="x", **{"max_tokens": len(ids), **request})
+    row = Row(type("Item", (), {"payload": req, "push": sink.push, "resolve": sink.resolve})(), 1)
+    for token in ids:
+        advance(row, token, -0.5, {}, tok, eos=None)
+        if row.finish:
+            break
+    complete(row)
+    return row, sink
 
 
 def test_streamed_text_never_splits_a_character_and_offsets_index_the_text(gpt2_dir):
     """Byte-level BPE: "é" is two byte tokens; the first alone decodes to U+FFFD, which must not be sent."""
     from service.base_model import load_base_model
-    from service.engine.generation import Row, advance
 
     tok = load_base_model(str(gpt2_dir), "cpu", "float32").tokenizer
     text = "fox é and ☃!"
     ids = tok(text)["input_ids"]
     assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs tokens that split a character"
-    sink = _Sink()
-    row = Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids)),
-                                 "push": sink.push})(), 1)
-    for token in ids:
-        advance(row, token, -0.5, {}, tok, eos=None)
-    streamed = "".join(c.text for c in sink.chunks) + row.text[row.sent:]  # the final chunk sends the rest
-    assert streamed == row.text == text
+    row, sink = _decode_all(tok, ids)
+    assert "".join(c.text for c in sink.chunks) == row.text == text
     assert all("\ufffd" not in c.text for c in sink.chunks)
+    assert [o for c in sink.chunks for o in c.text_offsets] == row.offsets == sink.result.choice.text_offsets
     assert len(row.offsets) == len(ids) and row.offsets == sorted(row.offsets)
     for offset, token in zip(row.offsets, row.tokens, strict=True):
         if "\ufffd" not in token:
             assert text[offset:offset + len(token)] == token
+        else:  # a byte of a split character starts where that character does
+            assert text[offset] in "é☃"
+
+
+def test_offsets_step_over_bytes_that_never_become_a_character(gpt2_dir):
+    """A lone continuation byte decodes to U+FFFD for good: later tokens start after it, not on it."""
+    from service.base_model import load_base_model
+
+    tok = load_base_model(str(gpt2_dir), "cpu", "float32").tokenizer
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    unprintable = [b for b in range(256) if b not in printable]
+    stray = tok.convert_tokens_to_ids(chr(256 + unprintable.index(0x80)))  # byte-level BPE's symbol for 0x80
+    ids = tok("ab")["input_ids"] + [stray, stray] + tok("How")["input_ids"]  # 0x80 alone is never valid UTF-8
+    row, sink = _decode_all(tok, ids)
+    assert row.text == "ab\ufffd\ufffdHow"
+    expected, at = [], 0
+    for token in ids:  # each stray byte is one U+FFFD of its own
+        expected.append(at)
+        at += 1 if token == stray else len(tok.decode([token]))
+    assert row.offsets == expected and expected[-len(tok("How")["input_ids"])] == 4
+    assert [o for c in sink.chunks for o in c.text_offsets] == row.offsets
 
 
 def test_streams_match_the_plain_answer_with_stop_strings_and_logprobs(gpt2_dir):
@@ -277,3 +312,44 @@ def test_the_earliest_stop_string_wins_and_offsets_stay_inside_the_text(gpt2_dir
             break
     assert row.text == text[:text.index("ow")] and row.finish == "stop"
     assert all(0 <= o <= len(row.text) for o in row.offsets) and row.offsets == sorted(row.offsets)
+
+
+def test_sampling_survives_extreme_but_valid_settings():
+    import torch
+
+    from service.engine.generation import sample
+
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    gen = torch.Generator().manual_seed(0)
+    assert sample(logits, 1.0, 1e-300, gen) == 1  # top_p below float32's range keeps the top token
+    huge = torch.tensor([3e38, -3e38, 1e38])  # finite logits that overflow once divided by a small temperature
+    assert sample(huge, 1e-5, 1.0, gen) == 0
+    assert sample(huge, 2.0, 0.5, gen) == 0
+
+
+def test_a_row_whose_sampling_fails_fails_alone(gpt2_dir, monkeypatch):
+    from service.engine import decoding
+
+    real = decoding.sample
+
+    def failing(logits, temperature, top_p, gen):
+        if temperature == 0.5:
+            raise RuntimeError("this row's sampler broke")
+        return real(logits, temperature, top_p, gen)
+
+    monkeypatch.setattr(decoding, "sample", failing)
+    engine = make_engine(gpt2_dir)
+    good = dict(model="a0", prompt="hello", max_tokens=6, temperature=0)
+
+    async def main():
+        await engine.start()
+        alone = await engine.complete(CompletionRequest(**good))
+        results = await asyncio.gather(
+            engine.complete(CompletionRequest(model="a1", prompt="hi", max_tokens=6, temperature=0.5)),
+            engine.complete(CompletionRequest(**good)), return_exceptions=True)
+        await engine.stop()
+        return alone, results
+
+    alone, (bad, ok) = asyncio.run(main())
+    assert isinstance(bad, RuntimeError) and "sampler broke" in str(bad)
+    assert ok.choice.tokens == alone.choice.tokens
