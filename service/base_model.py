@@ -91,7 +91,14 @@ def load_base_model(path: str | None, device: str = "auto", dtype: str = "float3
         raise BaseModelError(f"task must be one of {TASKS}, got {task!r}")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     cls = {"generate": AutoModelForCausalLM, "classify": AutoModelForSequenceClassification, "embed": AutoModel}[task]
-    model = cls.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+    model, info = cls.from_pretrained(path, local_files_only=True, dtype=torch_dtype, output_loading_info=True)
+    if task == "generate":  # an encoder would load with a random LM head and serve fluent-looking noise
+        from adapters.train.modes import require_causal_lm
+
+        try:
+            require_causal_lm(Path(path), model, info.get("missing_keys", []))
+        except ValueError as exc:
+            raise BaseModelError(str(exc)) from exc
     model.to(torch_device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:  # GPT-2 has none; batching needs one (it is masked out anyway)

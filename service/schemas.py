@@ -130,7 +130,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="An adapter name, or 'base'")
     prompt: Texts = Field(description="A prompt, or a list of prompts (one choice each)")
-    max_tokens: int = Field(16, ge=0, le=8192)
+    max_tokens: int = Field(16, ge=0, le=8192, description="null means the default, 16 (as OpenAI's)")
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
@@ -157,6 +157,11 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"{info.field_name}={value!r} is not supported by this service "
                              f"(accepted only as {' or '.join(repr(n) for n in neutral)})")
         return value
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _default_max_tokens(cls, value: Any) -> Any:
+        return 16 if value is None else value
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -23,7 +23,7 @@ from adapters.injection import resolve_targets
 
 __all__ = [
     "MODES", "TASK_TYPES", "ADAPTER_NAME", "Setup", "default_base_model", "default_targets", "load_model",
-    "load_tokenizer", "head_paths", "setup_mode", "transformer_blocks", "fingerprint",
+    "load_tokenizer", "head_paths", "setup_mode", "transformer_blocks", "fingerprint", "require_causal_lm",
 ]
 
 MODES = ("lora", "last-layers", "full")
@@ -89,13 +89,13 @@ def load_model(base: Path, task: str, labels: list[str] | None = None) -> nn.Mod
     elif task == "generate":
         model, info = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=torch.float32,
                                                            output_loading_info=True)
-        _require_causal_lm(base, model, info.get("missing_keys", []))
+        require_causal_lm(base, model, info.get("missing_keys", []))
     else:
         model = AutoModel.from_pretrained(str(base), local_files_only=True, dtype=torch.float32)
     return model
 
 
-def _require_causal_lm(base: Path, model: nn.Module, missing: list[str]) -> None:
+def require_causal_lm(base: Path, model: nn.Module, missing: list[str]) -> None:
     """--task generate needs a trained language-model head and causal attention. An encoder checkpoint
     (the default MiniLM) loads as *LMHeadModel with a random head and attention that sees the very tokens
     it must predict: training on that would fit nothing real, so it is refused."""

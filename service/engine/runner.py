@@ -58,9 +58,12 @@ def check_classify(lm: LoraModel, base: LoadedBase, adapter: str | None) -> None
         return
     head = lm.detached.get(adapter or "", {})
     others = sorted(k for k in head if k not in ("classifier.weight", "classifier.bias"))
+    if adapter is None:
+        raise BadRequestError("the base model is not a classifier: name an adapter that carries a classifier head "
+                              "(modules_to_save)")
     if not others and "classifier.weight" not in head:
-        raise BadRequestError(f"adapter {adapter or 'base'!r} carries no classifier head (modules_to_save) and "
-                              "the base model is not a classifier")
+        raise BadRequestError(f"adapter {adapter!r} carries no classifier head (modules_to_save) and the base "
+                              "model is not a classifier")
     if others:  # e.g. DistilBERT's pre_classifier: applying only `classifier` would give wrong scores
         raise BadRequestError(f"adapter {adapter!r} carries a classifier head with more than one layer ({others[0]}"
                               "...); on a bare encoder only a single `classifier` layer can be applied. Serve it on "

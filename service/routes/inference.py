@@ -4,6 +4,7 @@
     POST /v1/embeddings    encoders (mean-pooled, L2-normalised)
     POST /v1/classify      classifiers, or an encoder adapter carrying a classifier head
     GET  /v1/models        the base and every stored adapter
+    GET  /v1/models/{id}   one of them (404 for an unknown id)
 """
 
 from __future__ import annotations
@@ -154,6 +155,15 @@ async def models(store: StoreDep, base: BaseDep) -> ModelList:
         if not has_more:
             return ModelList(data=cards)
         after = records[-1].name
+
+
+@router.get("/models/{model_id}", response_model=ModelCard, summary="The base model or one adapter (OpenAI-style)",
+            responses=error_responses(404))
+async def model(model_id: str, store: StoreDep, base: BaseDep) -> ModelCard:
+    if model_id == "base":
+        return ModelCard(id="base", created=0, root=base.model_id, parent=None)
+    record = store.get(model_id)  # UnknownAdapterError -> 404
+    return ModelCard(id=record.name, created=_epoch(record.created_at), root=base.model_id, parent="base")
 
 
 def _epoch(iso: str) -> int:

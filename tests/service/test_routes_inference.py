@@ -252,6 +252,16 @@ def test_models_lists_base_and_adapters(gpt2_client: TestClient, gpt2_adapter: s
     assert ids[0] == "base" and gpt2_adapter in ids
     card = out["data"][ids.index(gpt2_adapter)]
     assert card["object"] == "model" and card["parent"] == "base" and card["created"] > 0
+    assert gpt2_client.get(f"/v1/models/{gpt2_adapter}").json() == card  # what client.models.retrieve() calls
+    assert gpt2_client.get("/v1/models/base").json() == out["data"][0]
+    missing = gpt2_client.get("/v1/models/never-uploaded")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "unknown_adapter_error"
+
+
+def test_max_tokens_null_means_the_default(gpt2_client: TestClient, gpt2_adapter: str):
+    out = _complete(gpt2_client, model=gpt2_adapter, prompt="hello", max_tokens=None, temperature=0)
+    default = gpt2_client.post("/v1/completions", json={"model": gpt2_adapter, "prompt": "hello", "temperature": 0})
+    assert out["choices"] == default.json()["choices"] and out["usage"]["completion_tokens"] <= 16
 
 
 @pytest.mark.parametrize("head", [

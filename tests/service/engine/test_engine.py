@@ -195,12 +195,14 @@ def test_a_headless_classify_request_fails_alone_in_its_batch(bert_dir):
     async def main():
         await engine.start()
         results = await asyncio.gather(engine.classify("headed", ["ok"]), engine.classify("a0", ["no head"]),
-                                       engine.classify("headed", ["also ok"]), return_exceptions=True)
+                                       engine.classify("headed", ["also ok"]), engine.classify("base", ["base"]),
+                                       return_exceptions=True)
         await engine.stop()
         return results
 
-    first, headless, second = run(main())
-    assert isinstance(headless, BadRequestError) and "classifier head" in str(headless)
+    first, headless, second, base = run(main())
+    assert isinstance(headless, BadRequestError) and "adapter 'a0' carries no classifier head" in str(headless)
+    assert isinstance(base, BadRequestError) and str(base).startswith("the base model is not a classifier")
     for result in (first, second):
         assert len(result.results[0]) == 3 and abs(sum(r["score"] for r in result.results[0]) - 1) < 1e-5
 
@@ -401,3 +403,12 @@ def test_max_tokens_zero_is_answered_alone_and_in_a_batch(gpt2_dir):
     alone, (zero, three) = run(main())
     assert (alone.choice.text, alone.completion_tokens, alone.choice.finish_reason) == ("", 0, "length")
     assert zero.completion_tokens == 0 and three.completion_tokens == 3
+
+
+def test_an_encoder_is_refused_as_a_generation_base(bert_dir, gpt2_dir):
+    """--task generate on an encoder would load a random LM head and answer fluent-looking noise."""
+    from service.base_model import BaseModelError
+
+    with pytest.raises(BaseModelError, match="no trained language-model head|not causal"):
+        load_base_model(str(bert_dir), "cpu", "float32", task="generate")
+    assert load_base_model(str(gpt2_dir), "cpu", "float32", task="generate").task == "generate"
