@@ -22,6 +22,7 @@ from service import __version__
 from service.auth import KeyRing
 from service.engine import Engine, load_base_model
 from service.errors import install_error_handlers
+from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import adapters, admin, health, inference
 from service.settings import Settings
@@ -49,7 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (health, adapters, admin, inference):
         app.include_router(module.router)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(BodyLimitMiddleware, limit=int(settings.max_request_bytes))
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: it also counts the 413s
     return app
 
 

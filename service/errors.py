@@ -123,9 +123,16 @@ async def _domain(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == _FASTAPI_PARSE_ERROR:  # JSON that is not UTF-8, or nested too deep
+        body = {"error": {"message": "the request body is not valid JSON (it must be UTF-8 and nested less deeply)",
+                          "type": "validation_error", "key": None}}
+        return JSONResponse(body, status_code=422)  # the same answer as any other body that is not JSON
     kind = {404: "not_found_error", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     body = {"error": {"message": str(exc.detail), "type": kind, "key": None}}
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 when json.loads raises anything else
 
 
 def _field_path(loc: tuple) -> str:

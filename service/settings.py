@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     """Largest LoRA rank accepted on upload (a larger one is refused with 422)."""
     max_upload_bytes: ByteSize = Field(ByteSize(64 * _MiB), ge=1024)
     """Largest upload body, enforced while it streams (a larger one is refused with 413)."""
+    max_request_bytes: ByteSize = Field(ByteSize(4 * _MiB), ge=1024)
+    """Largest JSON request body (inference, compose); a larger one is refused with 413."""
 
     # ---------------------------------------------------------------- HTTP
     host: str = "127.0.0.1"

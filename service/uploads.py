@@ -33,7 +33,12 @@ _MAX_BOUNDARY = 70  # RFC 2046, section 5.1.1
 
 
 def content_boundary(request: Request) -> bytes:
-    """The multipart boundary; 415 for any other content type."""
+    """The multipart boundary; 415 for any other content type, or for a compressed body (a Content-Encoding
+    we would otherwise ignore, storing the compressed bytes as if they were the files)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported for uploads; send the files "
+                                   "uncompressed (safetensors is not worth compressing)")
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data":
         raise UnsupportedMediaType(f"uploads must be multipart/form-data, got {ctype.decode() or 'no content type'!r}"

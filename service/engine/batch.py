@@ -13,7 +13,6 @@ import math
 from adapters import LoraModel
 from service.base_model import LoadedBase
 from service.engine.errors import NonFiniteOutputError
-from service.engine.generation import check_generation
 from service.engine.requests import ClassifyResult, EmbedResult, WorkItem
 from service.engine.runner import check_classify, classify_rows, embed_rows
 
@@ -28,9 +27,7 @@ def admissible(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> list[W
         if item.abandoned:
             continue
         try:
-            if item.kind == "generate":
-                check_generation(base, item)
-            elif item.kind == "classify":
+            if item.kind == "classify":
                 check_classify(lm, base, item.adapter)
         except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handler
             item.fail(exc)
@@ -56,13 +53,13 @@ def run_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
 
 
 def _run_texts(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
-    texts, names, spans = [], [], []
+    ids, names, spans = [], [], []
     for item in items:
-        spans.append((len(texts), len(texts) + len(item.payload)))
-        texts += item.payload
-        names += [item.adapter] * len(item.payload)
+        spans.append((len(ids), len(ids) + len(item.encoded)))
+        ids += item.encoded  # tokenized by the handler's worker thread
+        names += [item.adapter] * len(item.encoded)
     fn = embed_rows if items[0].kind == "embed" else classify_rows
-    rows, tokens = fn(lm, base, texts, names)  # one forward, row i through adapter names[i]
+    rows, tokens = fn(lm, base, ids, names)  # one forward, row i through adapter names[i]
     for item, (a, b) in zip(items, spans, strict=True):
         n = sum(tokens[a:b])
         values = rows[a:b] if item.kind == "embed" else [[s["score"] for s in r] for r in rows[a:b]]

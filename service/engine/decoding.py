@@ -25,7 +25,7 @@ from service.base_model import LoadedBase
 from service.engine.errors import NonFiniteOutputError
 from service.engine.generation import Row, advance, cache_argument, cache_of, complete, sample, top_logprobs
 from service.engine.requests import WorkItem
-from service.engine.runner import routing
+from service.engine.runner import collate, routing
 
 __all__ = ["Decoder"]
 
@@ -78,10 +78,9 @@ class Decoder:
     @torch.inference_mode()
     def join(self, items: list[WorkItem]) -> None:
         """Prefill `items` and add them to the running batch (the caller checked `can_join`)."""
-        tok = self.base.tokenizer
-        enc = tok([it.payload.prompt for it in items], padding=True, return_tensors="pt", padding_side="left")
-        ids, mask = enc["input_ids"].to(self.base.device), enc["attention_mask"].to(self.base.device)  # (b, t)
-        rows = [Row(it, int(m.sum())) for it, m in zip(items, enc["attention_mask"], strict=True)]
+        enc = collate(self.base, [it.encoded[0] for it in items], side="left")  # prompts tokenized off the loop
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # (b, t)
+        rows = [Row(it, len(it.encoded[0])) for it in items]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, t): left padding keeps real positions at 0..n-1
         with routing(self.lm, [it.adapter for it in items]):
             out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)

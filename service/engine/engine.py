@@ -34,6 +34,7 @@ from service.engine.batch import admissible, run_batch
 from service.engine.decoding import Decoder
 from service.engine.errors import AdapterChangedError, BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.fingerprint import fingerprint
+from service.engine.generation import check_prompt
 from service.engine.policy import MergePolicy
 from service.engine.requests import (
     ClassifyResult,
@@ -43,6 +44,7 @@ from service.engine.requests import (
     EmbedResult,
     WorkItem,
 )
+from service.engine.runner import encode
 from service.engine.tiers import AdapterTiers
 
 __all__ = ["Engine"]
@@ -68,6 +70,7 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._loads: dict[str, asyncio.Future] = {}
+        self._tokenizer_lock = threading.Lock()
         self.decoder = Decoder(self.lm, base) if base.task == "generate" else None
         self._waiting: list[WorkItem] = []  # generation requests that cannot join the running decode
         self.ready = False
@@ -216,14 +219,25 @@ class Engine:
         if not self.ready:
             raise EngineBusyError("the engine is not ready")
         self._check_task(kind)
+        encoded = await asyncio.to_thread(self._encode, kind, payload)  # a long text never stalls the loop
         adapter = None if model == "base" else model
         preloaded = await self._ensure_loaded(adapter)
         if not self.ready:  # stopped while the adapter loaded: nothing would answer a queued item
             raise EngineBusyError("the service is shutting down")
         loop = asyncio.get_running_loop()
-        item = WorkItem(kind, adapter, payload, loop.create_future(), loop, stream, preloaded=preloaded)
+        item = WorkItem(kind, adapter, payload, loop.create_future(), loop, stream, preloaded=preloaded,
+                        encoded=encoded)
         self._queue.put(item)
         return item.future
+
+    def _encode(self, kind: str, payload: Any) -> list[list[int]]:
+        """Worker thread: token ids of the texts, or of the prompt (checked against the context)."""
+        with self._tokenizer_lock:  # concurrent handlers: one call into the fast tokenizer at a time
+            if kind != "generate":
+                return encode(self.base, payload, truncate=True)
+            (ids,) = encode(self.base, [payload.prompt], truncate=False)
+        check_prompt(self.base, payload, len(ids))
+        return [ids]
 
     async def embed(self, model: str, texts: list[str]) -> EmbedResult:
         if not texts:

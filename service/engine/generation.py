@@ -19,9 +19,9 @@ import torch
 
 from service.base_model import LoadedBase
 from service.engine.errors import BadRequestError
-from service.engine.requests import CompletionChoice, CompletionChunk, CompletionResult, WorkItem
+from service.engine.requests import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResult, WorkItem
 
-__all__ = ["Row", "advance", "cache_argument", "cache_of", "check_generation", "complete", "sample", "top_logprobs"]
+__all__ = ["Row", "advance", "cache_argument", "cache_of", "check_prompt", "complete", "sample", "top_logprobs"]
 
 _GREEDY_BELOW = 1e-5
 _PARTIAL = "\ufffd"  # what decoding gives for an incomplete UTF-8 sequence
@@ -62,10 +62,8 @@ class Row:
         self.answered = False
 
 
-def check_generation(base: LoadedBase, item: WorkItem) -> None:
-    """Refuse, before batching, a request that cannot fit the model's context, so it fails alone."""
-    req = item.payload
-    prompt_len = len(base.tokenizer(req.prompt)["input_ids"])
+def check_prompt(base: LoadedBase, req: CompletionRequest, prompt_len: int) -> None:
+    """Refuse, before queueing, a request that cannot fit the model's context, so it fails alone."""
     if prompt_len == 0:
         raise BadRequestError("the prompt is empty after tokenization")
     if prompt_len + req.max_tokens > base.max_length:

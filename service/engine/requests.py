@@ -79,6 +79,7 @@ class WorkItem:
     enqueued_at: float = field(default_factory=time.perf_counter)
     # (sha256, weights) of the adapter as read off the loop thread, in case the host tier dropped it since
     preloaded: tuple[str, Any] | None = None
+    encoded: list[list[int]] | None = None  # token ids of each text (or of the prompt), made off the loop thread
 
     @property
     def abandoned(self) -> bool:

@@ -16,7 +16,7 @@ from adapters import LoraModel
 from service.base_model import LoadedBase
 from service.engine.errors import BadRequestError
 
-__all__ = ["routing", "tokenize", "embed_rows", "classify_rows", "check_classify"]
+__all__ = ["routing", "encode", "collate", "embed_rows", "classify_rows", "check_classify"]
 
 
 def routing(lm: LoraModel, names: list[str | None]):
@@ -28,10 +28,26 @@ def routing(lm: LoraModel, names: list[str | None]):
     return lm.route(names)
 
 
-def tokenize(base: LoadedBase, texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
-    enc = base.tokenizer(texts, padding=True, truncation=True, max_length=base.max_length, return_tensors="pt",
-                         **kwargs)
-    return {k: v.to(base.device) for k, v in enc.items()}
+def encode(base: LoadedBase, texts: list[str], *, truncate: bool) -> list[list[int]]:
+    """Token ids per text (cut to the model's context when `truncate`). The engine calls this from worker
+    threads, before queueing, so a long text never holds up the loop thread; always with the same settings,
+    so the fast tokenizer's state is never changed under a concurrent call."""
+    kwargs = {"truncation": True, "max_length": base.max_length} if truncate else {}
+    return base.tokenizer(texts, **kwargs)["input_ids"]
+
+
+def collate(base: LoadedBase, ids: list[list[int]], side: str | None = None) -> dict[str, torch.Tensor]:
+    """One padded (B, T) batch of input_ids and attention_mask on the model's device, padded on `side` (the
+    tokenizer's own by default) with its pad token, as the tokenizer itself pads."""
+    side = side or base.tokenizer.padding_side
+    width, pad = max(len(row) for row in ids), base.tokenizer.pad_token_id
+    rows, masks = [], []
+    for row in ids:
+        fill = width - len(row)
+        rows.append([pad] * fill + row if side == "left" else row + [pad] * fill)
+        masks.append([0] * fill + [1] * len(row) if side == "left" else [1] * len(row) + [0] * fill)
+    return {"input_ids": torch.tensor(rows, dtype=torch.long, device=base.device),  # (B, T)
+            "attention_mask": torch.tensor(masks, dtype=torch.long, device=base.device)}  # (B, T)
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,10 +56,10 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def embed_rows(lm: LoraModel, base: LoadedBase, texts: list[str], names: list[str | None]
+def embed_rows(lm: LoraModel, base: LoadedBase, ids: list[list[int]], names: list[str | None]
                ) -> tuple[list, list[int]]:
     """Mean-pooled, L2-normalised embeddings, as sentence-transformers computes them for MiniLM."""
-    enc = tokenize(base, texts)
+    enc = collate(base, ids)
     with routing(lm, names):
         out = base.model(**enc)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
@@ -71,12 +87,12 @@ def check_classify(lm: LoraModel, base: LoadedBase, adapter: str | None) -> None
 
 
 @torch.inference_mode()
-def classify_rows(lm: LoraModel, base: LoadedBase, texts: list[str], names: list[str | None]
+def classify_rows(lm: LoraModel, base: LoadedBase, ids: list[list[int]], names: list[str | None]
                   ) -> tuple[list[list[dict]], list[int]]:
     """Softmax over a classifier: the base's own head (with modules_to_save replacements routed per
     row), or, on a bare encoder, the adapter's detached `classifier` tensors applied to the pooled
     output exactly as *ForSequenceClassification does."""
-    enc = tokenize(base, texts)
+    enc = collate(base, ids)
     with routing(lm, names):
         out = base.model(**enc)
     tokens = enc["attention_mask"].sum(1).tolist()  # per row

@@ -202,6 +202,17 @@ def test_malformed_multipart_is_400(bert_client: TestClient, unique: str, unchan
     assert r.status_code == 400
 
 
+def test_a_compressed_upload_is_415_not_stored_as_is(bert_client: TestClient, unique: str, unchanged):
+    import gzip
+
+    files = peft_files(make_adapter(BERT_TARGETS, seed=4))
+    plain = bert_client.build_request("PUT", f"/v1/adapters/{unique}", files=files)
+    for encoding, content in (("gzip", gzip.compress(plain.read())), ("gzip", plain.read()), ("br", plain.read())):
+        r = bert_client.put(f"/v1/adapters/{unique}", content=content,
+                            headers={"Content-Type": plain.headers["Content-Type"], "Content-Encoding": encoding})
+        assert r.status_code == 415 and "Content-Encoding" in r.json()["error"]["message"]
+
+
 def test_too_large_is_413_by_content_length(bert_client: TestClient, unique: str, unchanged):
     limit = int(bert_client.app.state.settings.max_upload_bytes)
     big = {"adapter": ("a", b"\0" * (limit + 1))}
