@@ -14,8 +14,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from adapters.config import LoraConfig, exact_pattern
+from adapters.config import ALL_LINEAR, LoraConfig, exact_pattern
 from adapters.errors import AdapterFormatError, AdapterMismatchError, AdapterTooLargeError
+from adapters.injection import matches_target
 from adapters.layer import LoraLinear, is_lora_target_type
 from adapters.saved_modules import SavedModuleWrapper
 from adapters.weights import PREFIX, LoraWeights
@@ -122,6 +123,7 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
         if not (isinstance(module, LoraLinear) or is_lora_target_type(module)):
             raise AdapterMismatchError(f"{key_a}: module {path!r} is a {type(module).__name__}, not Linear/Conv1D",
                                        key=key_a)
+        _check_targeted(weights.config, path, key_a)
         if resolved in lora:
             raise AdapterMismatchError(f"{key_a}: names the same module ({resolved!r}) as "
                                        f"{PREFIX}{sources[resolved]}.lora_A.weight", key=key_a)
@@ -179,6 +181,18 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
         saved[f"{resolved}.{param}"] = t
     _check_detached_head(model, saved, modules)
     return LoraWeights(_pin_patterns(weights.config, pins), lora, saved)
+
+
+def _check_targeted(config: LoraConfig, path: str, key: str) -> None:
+    """A tensor for a module the config does not target (or excludes) is one PEFT would never load: applying it
+    would give outputs that differ from PEFT's for the same files, so the disagreement is refused."""
+    targets = config.target_modules
+    if targets != ALL_LINEAR and not matches_target(path, targets):
+        raise AdapterMismatchError(f"{key}: module {path!r} is not among the config's target_modules "
+                                   f"({config.target_description()}), so PEFT would ignore this tensor", key=key)
+    if config.exclude_modules and matches_target(path, config.exclude_modules):
+        raise AdapterMismatchError(f"{key}: module {path!r} is excluded by the config's exclude_modules, so PEFT "
+                                   "would ignore this tensor", key=key)
 
 
 def _check_detached_head(model: nn.Module, saved: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:

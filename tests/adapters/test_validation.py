@@ -73,6 +73,22 @@ def test_module_that_is_not_linear():
     _refused(model, w, AdapterMismatchError, "base_model.model.transformer.ln_f.lora_A.weight")
 
 
+def test_tensors_the_config_does_not_target_are_refused_as_peft_would_ignore_them():
+    """PEFT injects by the config and drops tensors for modules it did not inject: applying them anyway
+    would make our outputs differ from PEFT's for the same files."""
+    model, w = _weights()
+    w.lora["transformer.h.0.attn.c_proj"] = (torch.randn(4, 32), torch.randn(32, 4))  # config: c_attn only
+    _refused(model, w, AdapterMismatchError, "base_model.model.transformer.h.0.attn.c_proj.lora_A.weight")
+    model, w = _weights(exclude_modules=["transformer.h.0.attn.c_attn"])
+    with pytest.raises(AdapterMismatchError, match="exclude_modules") as err:
+        validate_adapter(model, w)
+    assert err.value.key == KEY
+    for targets in (r".*\.c_attn", "all-linear", ["attn.c_attn"]):  # a regex, all-linear, a longer suffix
+        model, w = _weights()
+        w.config.target_modules = targets
+        assert set(validate_adapter(model, w).lora) == set(w.lora)
+
+
 def test_wrong_shapes():
     model, w = _weights()
     a, b = w.lora["transformer.h.0.attn.c_attn"]
