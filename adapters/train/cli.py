@@ -133,12 +133,17 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _upload(ns: argparse.Namespace, adapter_dir: str) -> None:
-    from adapters.train.upload import UploadEnvironment, upload_adapter
+def _api_key(ns: argparse.Namespace) -> str | None:
+    from adapters.train.upload import UploadEnvironment
 
     from_env = UploadEnvironment().api_key
-    api_key = ns.api_key or (from_env.get_secret_value() if from_env else None)
-    answer = upload_adapter(ns.upload, ns.name, adapter_dir, api_key=api_key, overwrite=ns.overwrite)
+    return ns.api_key or (from_env.get_secret_value() if from_env else None)
+
+
+def _upload(ns: argparse.Namespace, adapter_dir: str) -> None:
+    from adapters.train.upload import upload_adapter
+
+    answer = upload_adapter(ns.upload, ns.name, adapter_dir, api_key=_api_key(ns), overwrite=ns.overwrite)
     print(f"uploaded {ns.name!r} to {ns.upload}; the service answered:")
     print(json.dumps(answer, indent=2) if not isinstance(answer, str) else answer)
 
@@ -149,6 +154,10 @@ def _run(ns: argparse.Namespace) -> None:
     from adapters.train.trainer import train
 
     args = args_from_namespace(ns)
+    if ns.upload:  # the service, the key and the name are checked before a run that could take hours
+        from adapters.train.upload import check_upload_target
+
+        check_upload_target(ns.upload, ns.name, api_key=_api_key(ns), overwrite=ns.overwrite)
     if not ns.compare:
         if ns.dense_lr is not None and args.mode != "lora":
             args = replace(args, lr=ns.dense_lr)

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["UploadError", "UploadEnvironment", "upload_adapter", "NAME_PATTERN"]
+__all__ = ["UploadError", "UploadEnvironment", "check_upload_target", "upload_adapter", "NAME_PATTERN"]
 
 # The service's rule for adapter names (service/store.py has the same; adapters/ never imports service/, and
 # tests/adapters/train checks that the two agree), so a bad --name is refused before training, not after.
@@ -54,6 +54,31 @@ def _detail(response: Any) -> str:
     if isinstance(error, str):
         return error
     return json.dumps(body)
+
+
+def check_upload_target(url: str, name: str, *, api_key: str | None = None, overwrite: bool = False,
+                        timeout: float = 30.0) -> None:
+    """Before training, so that a run is not wasted: the service answers, the key may upload (an admin-only
+    read, /v1/state), and the name is free or --overwrite was given. Changes nothing on the service."""
+    import httpx
+
+    base = url.rstrip("/")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    hints = {401: " (missing or wrong --api-key)", 403: " (the key may not upload: use an admin key)"}
+    try:
+        state = httpx.get(f"{base}/v1/state", headers=headers, timeout=timeout)
+        if not state.is_success:
+            raise UploadError(f"the service at {base} refused the key before training: HTTP {state.status_code}"
+                              f"{hints.get(state.status_code, '')}: {_detail(state)}", status=state.status_code)
+        existing = httpx.get(f"{base}/v1/adapters/{quote(name, safe='')}", headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise UploadError(f"cannot reach the service at {base}: {type(exc).__name__}: {exc}") from exc
+    if existing.status_code == 200 and not overwrite:
+        raise UploadError(f"adapter {name!r} already exists on {base}: pass --overwrite to store a new version",
+                          status=409)
+    if existing.status_code not in (200, 404):
+        raise UploadError(f"the service at {base} answered HTTP {existing.status_code} for adapter {name!r} before "
+                          f"training: {_detail(existing)}", status=existing.status_code)
 
 
 def upload_adapter(url: str, name: str, adapter_dir: str | Path, *, api_key: str | None = None,

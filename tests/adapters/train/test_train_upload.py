@@ -30,13 +30,22 @@ class _Stub(BaseHTTPRequestHandler):
     """Records each request; answers with the class's (status, body)."""
 
     answer: tuple[int, dict] = (201, {"name": "x"})
+    STATE = (200, {})  # GET /v1/state: the admin-only read the check before training makes
+    EXISTING = (404, {"error": {"message": "not found", "type": "unknown_adapter_error"}})  # the name is free
+    state, existing = STATE, EXISTING
     seen: list[dict] = []
 
     def do_PUT(self):  # noqa: N802 - http.server's naming
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append({"path": self.path, "auth": self.headers.get("Authorization"),
                           "ctype": self.headers.get("Content-Type"), "body": body})
-        status, payload = self.answer
+        self._send(*self.answer)
+
+    def do_GET(self):  # noqa: N802
+        self.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "method": "GET"})
+        self._send(*(self.state if self.path == "/v1/state" else self.existing))
+
+    def _send(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -52,6 +61,7 @@ class _Stub(BaseHTTPRequestHandler):
 def stub():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     _Stub.seen = []
+    _Stub.state, _Stub.existing = _Stub.STATE, _Stub.EXISTING
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -123,6 +133,40 @@ def test_cli_upload_failure_exits_3(stub, tiny_bert_dir, classify_files, tmp_pat
     assert code == 3
     assert "HTTP 422" in err and "rank 8 exceeds the maximum 4" in err
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()  # the adapter is kept for a retry
+
+
+@pytest.mark.parametrize(("state", "existing", "flags", "message"), [
+    ((401, {"error": {"message": "missing key"}}), None, [], "HTTP 401 (missing or wrong --api-key)"),
+    ((403, {"error": {"message": "admin only"}}), None, [], "use an admin key"),
+    (None, (200, {"name": "n1", "version": 1}), [], "already exists"),
+    (None, None, ["--upload", "UNREACHABLE"], "cannot reach the service"),
+])
+def test_upload_problems_are_found_before_training(stub, tiny_bert_dir, classify_files, tmp_path, capsys,
+                                                   state, existing, flags, message):
+    server, url = stub
+    if state:
+        _Stub.state = state
+    if existing:
+        _Stub.existing = existing
+    if flags:
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            flags = ["--upload", f"http://127.0.0.1:{s.getsockname()[1]}"]
+    train_file, _ = classify_files
+    code = main(["--base-model", str(tiny_bert_dir), "--data", str(train_file), "--out", str(tmp_path / "o"),
+                 "--epochs", "1", "--no-progress", "--upload", url, "--name", "n1", *flags])
+    assert code == 3 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing was trained
+    assert not any(r.get("method") != "GET" for r in _Stub.seen)  # and nothing was uploaded
+
+
+def test_overwrite_lets_an_existing_name_through_the_check(stub, adapter_dir):
+    from adapters.train.upload import check_upload_target
+
+    server, url = stub
+    _Stub.existing = (200, {"name": "n1", "version": 1})
+    check_upload_target(url, "n1", api_key="k", overwrite=True)
+    assert [r["auth"] for r in _Stub.seen] == ["Bearer k", "Bearer k"]
 
 
 def _free_port() -> int:
