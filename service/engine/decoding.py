@@ -118,6 +118,7 @@ class Decoder:
         """One token for every running row, then one forward for those still running."""
         tok, eos = self.base.tokenizer, self.base.tokenizer.eos_token_id
         finite = torch.isfinite(self._logits).all(-1).tolist()  # (B,): an adapter may overflow its own rows
+        all_logprobs = torch.log_softmax(self._logits, -1)  # (B, V): the model's own distribution, in one call
         next_ids = []
         for i, row in enumerate(self.rows):
             if row.finish is None and row.item.abandoned:
@@ -130,7 +131,7 @@ class Decoder:
                 continue
             try:
                 token = sample(self._logits[i], row.req.temperature, row.req.top_p, row.gen)
-                logprobs = torch.log_softmax(self._logits[i], -1)  # (V,): the model's own distribution
+                logprobs = all_logprobs[i]  # (V,)
                 advance(row, token, logprobs[token].item(), top_logprobs(logprobs, row.req.logprobs, tok), tok, eos)
             except Exception as exc:  # noqa: BLE001 - this row's own settings or text failed: it fails alone
                 row.finish = "error"
