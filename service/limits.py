@@ -1,10 +1,10 @@
 """A size cap on JSON request bodies (inference, compose), enforced before any handler parses them.
 
-Adapter uploads (multipart/form-data) have their own, larger cap, enforced while they stream
-(service/uploads.py). Every other body is read here, up to `max_request_bytes`, and handed to the app
-in one piece; a `Content-Length` above the cap is refused before a byte is read, and a chunked or lying
-body as soon as the running total passes it (413). Without this, one client could send a prompt of
-hundreds of megabytes and hold the tokenizer (and the memory) for minutes.
+Adapter uploads (PUT /v1/adapters/{name}) have their own, larger cap, enforced while they stream
+(service/uploads.py). Every other body, whatever content type it claims, is read here up to
+`max_request_bytes` and handed to the app in one piece; a `Content-Length` above the cap is refused before
+a byte is read, and a chunked or lying body as soon as the running total passes it (413). Without this,
+one client could send a prompt of hundreds of megabytes and hold the tokenizer (and the memory) for minutes.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ __all__ = ["BodyLimitMiddleware"]
 
 
 class BodyLimitMiddleware:
-    """Pure ASGI, like MetricsMiddleware: streamed responses and multipart uploads pass through untouched."""
+    """Pure ASGI, like MetricsMiddleware: streamed responses and adapter uploads pass through untouched."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _is_multipart(scope):
+        if scope["type"] != "http" or _is_adapter_upload(scope):
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
@@ -64,5 +64,7 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return next((value for key, value in scope.get("headers", []) if key.lower() == name), None)
 
 
-def _is_multipart(scope: Scope) -> bool:
-    return (_header(scope, b"content-type") or b"").lower().startswith(b"multipart/form-data")
+def _is_adapter_upload(scope: Scope) -> bool:
+    """PUT /v1/adapters/{name}, the one route that caps its own (multipart) body. Any other request, whatever
+    content type it claims, is held to max_request_bytes."""
+    return scope["method"] == "PUT" and scope["path"].startswith("/v1/adapters/")

@@ -31,15 +31,20 @@ __all__ = ["Decoder"]
 
 
 def _kv_layers(cache: object) -> list | None:
-    """The cache's layers if each holds plain `keys` and `values` tensors (B, H, T, D); else None."""
-    layers = getattr(cache, "layers", None)
-    if not layers:
+    """The layers of a plain DynamicCache, each holding just `keys` and `values` (B, H, T, D); else None. Exact
+    types only: subclasses carry more per-row state (sliding windows, Mamba states, indexer keys) that a
+    splice of keys and values alone would leave at the old batch size."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # an older transformers: static batches
         return None
-    for layer in layers:
-        if getattr(layer, "is_sliding", False) or not all(
+    if type(cache) is not DynamicCache or not getattr(cache, "layers", None):
+        return None
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or not all(
                 isinstance(getattr(layer, attr, None), torch.Tensor) for attr in ("keys", "values")):
             return None
-    return list(layers)
+    return list(cache.layers)
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -103,10 +108,14 @@ class Decoder:
             raise RuntimeError("this model's KV cache cannot be spliced; the engine should have checked can_join")
         t_old, t_new = self._mask.shape[1], mask.shape[1]
         t = max(t_old, t_new)
-        for old, new in zip(old_layers, new_layers, strict=True):
-            for attr in ("keys", "values"):  # (B, H, T, D) ++ (b, H, T', D) -> (B+b, H, t, D)
-                setattr(old, attr, torch.cat([_left_pad(getattr(old, attr), t - t_old, 2),
-                                              _left_pad(getattr(new, attr), t - t_new, 2)]))
+        # Every new tensor first, then the assignments: a failure (out of memory) leaves the running batch whole.
+        def joined(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # (B, H, T, D) ++ (b, H, T', D)
+            return torch.cat([_left_pad(old, t - t_old, 2), _left_pad(new, t - t_new, 2)])  # -> (B+b, H, t, D)
+
+        spliced = [(joined(old.keys, new.keys), joined(old.values, new.values))
+                   for old, new in zip(old_layers, new_layers, strict=True)]
+        for old, (keys, values) in zip(old_layers, spliced, strict=True):
+            old.keys, old.values = keys, values
         self._mask = torch.cat([_left_pad(self._mask, t - t_old, 1), _left_pad(mask, t - t_new, 1)])  # (B+b, t)
         self._pos = torch.cat([self._pos, pos])  # (B+b, 1)
         self._logits = torch.cat([self._logits, logits])  # (B+b, V)

@@ -87,9 +87,10 @@ class Engine:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join, 30)
         # Whatever was queued behind the stop is answered, not left hanging: 503 for its handler.
-        waiting, self._waiting = self._waiting, []  # only if the loop did not end (the join timed out)
-        for item in waiting:
-            item.fail(EngineBusyError("the service is shutting down"))
+        if self._thread is None or not self._thread.is_alive():  # else the loop still owns it (the join timed out)
+            waiting, self._waiting = self._waiting, []
+            for item in waiting:
+                item.fail(EngineBusyError("the service is shutting down"))
         while True:
             try:
                 item = self._queue.get_nowait()

@@ -69,3 +69,9 @@ def test_a_body_that_is_not_utf8_or_nests_too_deep_is_the_same_422_as_any_non_js
         r = bert_client.post("/v1/embeddings", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["type"] == "validation_error", r.text
         assert "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_claiming_to_be_an_upload_does_not_lift_the_cap(bert_client: TestClient):
+    body = b"x" * (LIMIT + 1)
+    r = bert_client.post("/v1/embeddings", content=body, headers={"Content-Type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"

@@ -247,3 +247,25 @@ def test_a_decode_kept_busy_by_overlapping_requests_never_outgrows_its_longest_r
     alone, together = asyncio.run(main())
     assert together == alone
     assert len(widths) > 128 and max(widths) <= max(len(t) for t in alone) + 3  # prompts are at most 3 tokens
+
+
+def test_only_a_plain_dynamic_cache_is_spliced(gpt2_dir):
+    """A cache layer of any other type may hold per-row state besides keys and values (a sliding window, a
+    Mamba state, indexer keys) that a splice would leave at the old batch size: such models get static batches."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from service.engine.decoding import _kv_layers
+    from service.engine.runner import routing
+
+    engine = make_engine(gpt2_dir)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode(), routing(engine.lm, [None]):
+        cache = engine.base.model(input_ids=ids, use_cache=True).past_key_values
+    assert _kv_layers(cache) is not None and len(_kv_layers(cache)) == 2
+
+    class WithMoreState(DynamicLayer):
+        pass
+
+    cache.layers[1].__class__ = WithMoreState
+    assert _kv_layers(cache) is None
