@@ -1,20 +1,13 @@
 """The engine: one loop thread owns the model; HTTP handlers hand it work through a queue.
 
-    handler ──await load into host cache (thread pool)──► queue ──► loop thread
-                                                                  ├─ gather ≤ max_batch_size items / ≤ max_wait_ms
-                                                                  ├─ merge policy (hysteresis) under the lock
-                                                                  ├─ make the batch's adapters resident (LRU)
-                                                                  ├─ one forward for all rows, any adapter mix
-                                                                  └─ generation: newcomers join the running
-                                                                     decode; one decoding step per turn
+    handler ──tokenize, load the adapter into the host cache (worker threads)──► queue ──► loop thread (loop.py)
 
-Every weight change (merge, unmerge, switch, adapter in/out) and every forward runs on the loop thread
-while holding `self.lock`, so a forward never sees half-merged weights. While a decode runs, the loop
-takes what has queued without waiting, runs it, then one decoding step (continuous batching: see
-decoding.py); a merge between two steps leaves every row exact, and the adapters of running rows stay
-resident until those rows end. Reading an adapter from disk
-and validating it happens off the loop (in `asyncio.to_thread`), so a cold adapter does not stall
-batches of warm ones.
+This is the event-loop side: the public API the routes call (embed, classify, complete, stream, merge,
+unmerge, state, forget), the lifecycle, and validation. Every weight change (merge, unmerge, switch,
+adapter in/out) and every forward runs on the loop thread while holding `self.lock`, so a forward never
+sees half-merged weights; calls that change weights are queued to it as controls. Reading an adapter
+from disk, validating it and tokenizing happen off the loop (in `asyncio.to_thread`), so a cold adapter
+or a long text does not stall batches of warm ones. Generation is continuously batched (decoding.py).
 """
 
 from __future__ import annotations
@@ -23,18 +16,17 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from adapters import LoraModel, LoraWeights, MergeError, validate_adapter
+from adapters import LoraModel, LoraWeights, validate_adapter
 from adapters.validation import model_index
 from service.base_model import LoadedBase
-from service.engine.batch import admissible, run_batch
 from service.engine.decoding import Decoder
 from service.engine.errors import AdapterChangedError, BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.fingerprint import fingerprint
 from service.engine.generation import check_prompt
+from service.engine.loop import STOP, LoopThread
 from service.engine.policy import MergePolicy
 from service.engine.requests import (
     ClassifyResult,
@@ -49,14 +41,13 @@ from service.engine.tiers import AdapterTiers
 
 __all__ = ["Engine"]
 
-_STOP = object()
 # The largest |s·B·A| entry an uploaded adapter may add to a weight. Trained deltas are small next to the
 # weights (well under 1); one of 10^4 can only overflow activations, or wreck the model, so it is refused.
 MAX_DELTA = 1e4
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(LoopThread):
     def __init__(self, base: LoadedBase, settings: Any, store: Any, metrics: Any = None) -> None:
         self.base, self.settings, self.store, self.metrics = base, settings, store, metrics
         self.index = model_index(base.model)  # the bare base's tree, for validation in any thread
@@ -84,7 +75,7 @@ class Engine:
     async def stop(self) -> None:
         self.ready = False
         if self._thread is not None:
-            self._queue.put(_STOP)
+            self._queue.put(STOP)
             await asyncio.to_thread(self._thread.join, 30)
         # Whatever was queued behind the stop is answered, not left hanging: 503 for its handler.
         if self._thread is None or not self._thread.is_alive():  # else the loop still owns it (the join timed out)
@@ -277,173 +268,6 @@ class Engine:
         self._queue.put(item)
         return await fut
 
-    def _loop(self) -> None:
-        stopping = False
-        while True:
-            decoding = self.decoder is not None and self.decoder.active
-            if self._waiting and self._room() > 0:  # requests that waited for rows to end: first come, first in
-                waiting, self._waiting = self._waiting, []
-                self._run_group(waiting)
-                continue
-            if stopping and not decoding:
-                return
-            first = None
-            if not stopping:
-                try:  # while decoding, never wait: the running rows need their next step
-                    first = self._queue.get_nowait() if decoding else self._queue.get()
-                except queue.Empty:
-                    pass
-            if first is _STOP:
-                stopping = True  # the running decode finishes; nothing new is taken
-            elif first is not None:
-                batch, controls = self._gather(first, wait=not decoding)
-                # Controls first: an eviction after a DELETE or overwrite, or a merge, was asked for before (or
-                # while) these requests queued, so they must see its effect, never the stale weights.
-                for control in controls:
-                    self._run_control(control)
-                for group in self._groups(batch):
-                    self._run_group(group)
-            if self.decoder is not None and self.decoder.active:
-                self._step()
-
-    def _room(self) -> int:
-        """How many more rows the running decode takes now: up to max_batch_size, and none mid-decode when
-        this model's cache cannot take newcomers."""
-        return self.settings.max_batch_size - self.decoder.running() if self.decoder.can_join() else 0
-
-    def _busy(self) -> set[str]:
-        """Adapters that running generation rows use: never evicted, whatever the bounds."""
-        return self.decoder.adapters() if self.decoder is not None else set()
-
-    def _gather(self, first: Any, wait: bool = True) -> tuple[list[WorkItem], list[Any]]:
-        batch: list[WorkItem] = []
-        controls: list[Any] = []
-        (controls if _is_control(first) else batch).append(first)
-        if not batch:
-            return batch, controls
-        deadline = time.perf_counter() + (self.settings.max_wait_ms / 1000 if wait else 0.0)
-        while len(batch) < self.settings.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._queue.put(_STOP)
-                break
-            (controls if _is_control(item) else batch).append(item)
-        return batch, controls
-
-    def _groups(self, batch: list[WorkItem]) -> list[list[WorkItem]]:
-        by_kind: dict[str, list[WorkItem]] = {}
-        for item in batch:
-            by_kind.setdefault(item.kind, []).append(item)
-        groups = list(by_kind.values())
-        if self.policy.mode == "always":  # the merge-always baseline: one forward per adapter
-            groups = [[i for i in g if i.adapter == a] for g in groups for a in dict.fromkeys(i.adapter for i in g)]
-        return groups
-
-    def _run_control(self, control: Any) -> None:
-        fn = control.payload if isinstance(control, WorkItem) else control
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handler
-            if isinstance(control, WorkItem):
-                control.fail(exc)
-            return
-        if isinstance(control, WorkItem):
-            control.resolve(result)
-
-    def _run_group(self, items: list[WorkItem]) -> None:
-        generate = items[0].kind == "generate"
-        if generate:  # the running decode takes what it has room for; the rest waits for rows to end
-            room = max(self._room(), 0)
-            items, overflow = items[:room], items[room:]
-            self._waiting.extend(overflow)
-            if not items:
-                return
-        started = time.perf_counter()
-        with self.lock:
-            try:
-                items = admissible(self.lm, self.base, self._residents_for(items))
-                if not items:
-                    return
-                self._apply_policy(items)
-                if generate:
-                    self._join(items)
-                else:
-                    run_batch(self.lm, self.base, items)
-            finally:
-                self.tiers.trim(protect=self._busy())  # a batch may overshoot the bounds; not beyond it
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(items))
-            if not generate:  # a decode's time is observed per step
-                self.metrics.forward_seconds.observe(time.perf_counter() - started)
-
-    def _join(self, items: list[WorkItem]) -> None:
-        try:
-            self.decoder.join(items)
-        except Exception as exc:  # noqa: BLE001 - the newcomers' prefill failed: they fail, running rows go on
-            for item in items:
-                item.fail(exc)
-
-    def _step(self) -> None:
-        started = time.perf_counter()
-        with self.lock:
-            try:
-                self.decoder.step()
-            except Exception as exc:  # noqa: BLE001 - the rows share this forward, so all of them fail
-                self.decoder.fail(exc)
-            finally:
-                self.tiers.trim(protect=self._busy())  # rows that ended no longer hold their adapters
-        if self.metrics is not None:
-            self.metrics.forward_seconds.observe(time.perf_counter() - started)
-
-    def _residents_for(self, items: list[WorkItem]) -> list[WorkItem]:
-        """Make every adapter of the batch resident at once (so loading one cannot evict another that the
-        batch needs); a request whose adapter vanished (deleted meanwhile) fails alone, the rest runs."""
-        failed: dict[str, Exception] = {}
-        preloaded: dict[str, tuple[str, LoraWeights] | None] = {}
-        for item in items:  # any batch-mate's copy will do (the tiers check it is the stored version)
-            if item.adapter is not None and preloaded.get(item.adapter) is None:
-                preloaded[item.adapter] = item.preloaded
-        names = set(preloaded)
-        for name in names:
-            try:
-                self.tiers.add_resident(name, preloaded[name])
-            except Exception as exc:  # noqa: BLE001
-                failed[name] = exc
-        self.tiers.trim(protect=names | self._busy())
-        for item in items:
-            if item.adapter in failed:
-                item.fail(failed[item.adapter])
-        return [i for i in items if i.adapter not in failed]
-
-    def _apply_policy(self, items: list[WorkItem]) -> None:
-        """Merge or unmerge as the policy says. Advisory: a merge that fails leaves the batch to run
-        unmerged (exact either way); only adapters the batch names or that are resident are merged."""
-        adapters = [i.adapter for i in items]
-        batch = frozenset(a for a in adapters if a is not None)
-        if self.policy.mode == "always" and not self.pinned:
-            target = adapters[0]
-            change = self.lm.merged_adapter != target and target not in self.policy.refused
-        else:
-            self.policy.observe(adapters)
-            change, target = self.policy.decide(self.lm.merged_adapter, self.pinned)
-        if not change or (target is not None and target not in batch and target not in self.resident):
-            return
-        kind = "unmerge" if target is None else ("switch" if self.lm.merged_adapter else "merge")
-        try:
-            self._set_merged(target, kind, protect=batch)
-        except Exception as exc:  # noqa: BLE001 - never fail the batch for the policy's sake
-            if isinstance(exc, MergeError):  # tied or overflowing weights: it will never merge
-                self.policy.refuse(target)
-            log.warning("%s merge policy: not merging %r (%s); serving unmerged", self.policy.mode, target, exc)
-
     def _count(self, metric: str, tier: str) -> None:
         if self.metrics is not None:
             getattr(self.metrics, metric).labels(tier=tier).inc()
-
-
-def _is_control(item: Any) -> bool:
-    return callable(item) or (isinstance(item, WorkItem) and item.kind == "control")

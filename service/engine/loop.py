@@ -1,0 +1,224 @@
+"""The engine's loop thread: the only code that runs forwards and changes weights, always under the lock.
+
+    queue ──► gather ≤ max_batch_size items, waiting ≤ max_wait_ms (not at all while a decode runs)
+          ├─ controls first: evictions after a DELETE or overwrite, merges
+          ├─ per kind: the group's adapters resident (LRU), the merge policy, then
+          │     embed / classify: one forward for all rows, any adapter mix
+          │     generate: the rows join the running decode (up to max_batch_size; the rest wait)
+          └─ one decoding step for the running generation rows
+
+`LoopThread` is the loop-thread half of `Engine` (engine.py), which sets the state used here and keeps
+the public, event-loop-side API.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from adapters import LoraModel, LoraWeights, MergeError
+from service.base_model import LoadedBase
+from service.engine.batch import admissible, run_batch
+from service.engine.requests import WorkItem
+
+if TYPE_CHECKING:
+    from collections import OrderedDict
+
+    from service.engine.decoding import Decoder
+    from service.engine.policy import MergePolicy
+    from service.engine.tiers import AdapterTiers
+
+__all__ = ["STOP", "LoopThread"]
+
+STOP = object()  # queued by Engine.stop: finish the running decode, then end the thread
+log = logging.getLogger("service.engine.engine")
+
+
+class LoopThread:
+    """Every method here runs on the loop thread."""
+
+    lm: LoraModel
+    base: LoadedBase
+    settings: Any
+    metrics: Any
+    lock: threading.RLock
+    tiers: AdapterTiers
+    resident: OrderedDict[str, tuple[str, int]]
+    policy: MergePolicy
+    pinned: bool
+    decoder: Decoder | None
+    _queue: queue.Queue
+    _waiting: list[WorkItem]
+
+    _set_merged: Callable[..., None]  # Engine's: merge (or unmerge) under the lock, protecting the given adapters
+
+    def _loop(self) -> None:
+        stopping = False
+        while True:
+            decoding = self.decoder is not None and self.decoder.active
+            if self._waiting and self._room() > 0:  # requests that waited for rows to end: first come, first in
+                waiting, self._waiting = self._waiting, []
+                self._run_group(waiting)
+                continue
+            if stopping and not decoding:
+                return
+            first = None
+            if not stopping:
+                try:  # while decoding, never wait: the running rows need their next step
+                    first = self._queue.get_nowait() if decoding else self._queue.get()
+                except queue.Empty:
+                    pass
+            if first is STOP:
+                stopping = True  # the running decode finishes; nothing new is taken
+            elif first is not None:
+                batch, controls = self._gather(first, wait=not decoding)
+                # Controls first: an eviction after a DELETE or overwrite, or a merge, was asked for before (or
+                # while) these requests queued, so they must see its effect, never the stale weights.
+                for control in controls:
+                    self._run_control(control)
+                for group in self._groups(batch):
+                    self._run_group(group)
+            if self.decoder is not None and self.decoder.active:
+                self._step()
+
+    def _room(self) -> int:
+        """How many more rows the running decode takes now: up to max_batch_size, and none mid-decode when
+        this model's cache cannot take newcomers."""
+        return self.settings.max_batch_size - self.decoder.running() if self.decoder.can_join() else 0
+
+    def _busy(self) -> set[str]:
+        """Adapters that running generation rows use: never evicted, whatever the bounds."""
+        return self.decoder.adapters() if self.decoder is not None else set()
+
+    def _gather(self, first: Any, wait: bool = True) -> tuple[list[WorkItem], list[Any]]:
+        batch: list[WorkItem] = []
+        controls: list[Any] = []
+        (controls if _is_control(first) else batch).append(first)
+        if not batch:
+            return batch, controls
+        deadline = time.perf_counter() + (self.settings.max_wait_ms / 1000 if wait else 0.0)
+        while len(batch) < self.settings.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is STOP:
+                self._queue.put(STOP)
+                break
+            (controls if _is_control(item) else batch).append(item)
+        return batch, controls
+
+    def _groups(self, batch: list[WorkItem]) -> list[list[WorkItem]]:
+        by_kind: dict[str, list[WorkItem]] = {}
+        for item in batch:
+            by_kind.setdefault(item.kind, []).append(item)
+        groups = list(by_kind.values())
+        if self.policy.mode == "always":  # the merge-always baseline: one forward per adapter
+            groups = [[i for i in g if i.adapter == a] for g in groups for a in dict.fromkeys(i.adapter for i in g)]
+        return groups
+
+    def _run_control(self, control: Any) -> None:
+        fn = control.payload if isinstance(control, WorkItem) else control
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handler
+            if isinstance(control, WorkItem):
+                control.fail(exc)
+            return
+        if isinstance(control, WorkItem):
+            control.resolve(result)
+
+    def _run_group(self, items: list[WorkItem]) -> None:
+        generate = items[0].kind == "generate"
+        if generate:  # the running decode takes what it has room for; the rest waits for rows to end
+            room = max(self._room(), 0)
+            items, overflow = items[:room], items[room:]
+            self._waiting.extend(overflow)
+            if not items:
+                return
+        started = time.perf_counter()
+        with self.lock:
+            try:
+                items = admissible(self.lm, self.base, self._residents_for(items))
+                if not items:
+                    return
+                self._apply_policy(items)
+                if generate:
+                    self._join(items)
+                else:
+                    run_batch(self.lm, self.base, items)
+            finally:
+                self.tiers.trim(protect=self._busy())  # a batch may overshoot the bounds; not beyond it
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(items))
+            if not generate:  # a decode's time is observed per step
+                self.metrics.forward_seconds.observe(time.perf_counter() - started)
+
+    def _join(self, items: list[WorkItem]) -> None:
+        try:
+            self.decoder.join(items)
+        except Exception as exc:  # noqa: BLE001 - the newcomers' prefill failed: they fail, running rows go on
+            for item in items:
+                item.fail(exc)
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        with self.lock:
+            try:
+                self.decoder.step()
+            except Exception as exc:  # noqa: BLE001 - the rows share this forward, so all of them fail
+                self.decoder.fail(exc)
+            finally:
+                self.tiers.trim(protect=self._busy())  # rows that ended no longer hold their adapters
+        if self.metrics is not None:
+            self.metrics.forward_seconds.observe(time.perf_counter() - started)
+
+    def _residents_for(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Make every adapter of the batch resident at once (so loading one cannot evict another that the
+        batch needs); a request whose adapter vanished (deleted meanwhile) fails alone, the rest runs."""
+        failed: dict[str, Exception] = {}
+        preloaded: dict[str, tuple[str, LoraWeights] | None] = {}
+        for item in items:  # any batch-mate's copy will do (the tiers check it is the stored version)
+            if item.adapter is not None and preloaded.get(item.adapter) is None:
+                preloaded[item.adapter] = item.preloaded
+        names = set(preloaded)
+        for name in names:
+            try:
+                self.tiers.add_resident(name, preloaded[name])
+            except Exception as exc:  # noqa: BLE001
+                failed[name] = exc
+        self.tiers.trim(protect=names | self._busy())
+        for item in items:
+            if item.adapter in failed:
+                item.fail(failed[item.adapter])
+        return [i for i in items if i.adapter not in failed]
+
+    def _apply_policy(self, items: list[WorkItem]) -> None:
+        """Merge or unmerge as the policy says. Advisory: a merge that fails leaves the batch to run
+        unmerged (exact either way); only adapters the batch names or that are resident are merged."""
+        adapters = [i.adapter for i in items]
+        batch = frozenset(a for a in adapters if a is not None)
+        if self.policy.mode == "always" and not self.pinned:
+            target = adapters[0]
+            change = self.lm.merged_adapter != target and target not in self.policy.refused
+        else:
+            self.policy.observe(adapters)
+            change, target = self.policy.decide(self.lm.merged_adapter, self.pinned)
+        if not change or (target is not None and target not in batch and target not in self.resident):
+            return
+        kind = "unmerge" if target is None else ("switch" if self.lm.merged_adapter else "merge")
+        try:
+            self._set_merged(target, kind, protect=batch)
+        except Exception as exc:  # noqa: BLE001 - never fail the batch for the policy's sake
+            if isinstance(exc, MergeError):  # tied or overflowing weights: it will never merge
+                self.policy.refuse(target)
+            log.warning("%s merge policy: not merging %r (%s); serving unmerged", self.policy.mode, target, exc)
+
+
+def _is_control(item: Any) -> bool:
+    return callable(item) or (isinstance(item, WorkItem) and item.kind == "control")
