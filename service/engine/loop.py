@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["STOP", "LoopThread"]
 
 STOP = object()  # queued by Engine.stop: finish the running decode, then end the thread
-log = logging.getLogger("service.engine.engine")
+log = logging.getLogger(__name__)
 
 
 class LoopThread:
