@@ -24,7 +24,7 @@ from service.engine import Engine, load_base_model
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import adapters, admin, health, inference
+from service.routes import adapters, admin, chat, health, inference
 from service.settings import Settings
 from service.store import AdapterStore
 
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = KeyRing(settings.admin_keys, settings.inference_keys)
     app.state.store = app.state.base = app.state.engine = None
     install_error_handlers(app)
-    for module in (health, adapters, admin, inference):
+    for module in (health, adapters, admin, inference, chat):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, limit=int(settings.max_request_bytes))
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: it also counts the 413s

@@ -18,6 +18,7 @@ __all__ = [
     "ComposeRequest", "ComposeResponse", "StateResponse", "CompletionRequest", "CompletionLogprobs",
     "CompletionChoice", "Usage", "CompletionResponse", "EmbeddingRequest", "Embedding", "EmbeddingResponse",
     "ClassifyRequest", "LabelScore", "Classification", "ClassifyResponse", "ModelCard", "ModelList", "Health",
+    "StreamOptions", "only_neutral",
 ]
 
 MAX_INPUTS = 2048  # texts per embeddings/classify request, as OpenAI allows
@@ -121,6 +122,15 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 
 
+def only_neutral(name: str, value: Any) -> Any:
+    """`value` if it is the neutral value of OpenAI parameter `name`, which this service does not implement."""
+    neutral = _NEUTRAL[name]
+    if value not in neutral:
+        raise ValueError(f"{name}={value!r} is not supported by this service "
+                         f"(accepted only as {' or '.join(repr(n) for n in neutral)})")
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -152,11 +162,7 @@ class CompletionRequest(BaseModel):
     @field_validator(*_NEUTRAL)
     @classmethod
     def _only_neutral(cls, value: Any, info: ValidationInfo) -> Any:
-        neutral = _NEUTRAL[info.field_name]
-        if value not in neutral:
-            raise ValueError(f"{info.field_name}={value!r} is not supported by this service "
-                             f"(accepted only as {' or '.join(repr(n) for n in neutral)})")
-        return value
+        return only_neutral(info.field_name, value)
 
     @field_validator("max_tokens", mode="before")
     @classmethod

@@ -36,7 +36,7 @@ from service.engine.requests import (
     EmbedResult,
     WorkItem,
 )
-from service.engine.runner import encode
+from service.engine.runner import encode, render_chat
 from service.engine.tiers import AdapterTiers
 
 __all__ = ["Engine"]
@@ -227,7 +227,12 @@ class Engine(LoopThread):
         with self._tokenizer_lock:  # concurrent handlers: one call into the fast tokenizer at a time
             if kind != "generate":
                 return encode(self.base, payload, truncate=True)
-            (ids,) = encode(self.base, [payload.prompt], truncate=False)
+            if payload.messages is not None:
+                ids = render_chat(self.base, payload.messages)
+            else:
+                (ids,) = encode(self.base, [payload.prompt], truncate=False)
+        if payload.max_tokens is None:  # chat without a limit: whatever the context leaves
+            payload.max_tokens = max(self.base.max_length - len(ids), 0)
         check_prompt(self.base, payload, len(ids))
         return [ids]
 

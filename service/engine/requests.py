@@ -19,13 +19,14 @@ __all__ = ["CompletionRequest", "CompletionChoice", "CompletionResult", "Complet
 class CompletionRequest:
     model: str
     prompt: str
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None (chat): up to the model's context
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; n: each token's logprob and the n most likely at its position
     stream: bool = False
+    messages: list[dict[str, str]] | None = None  # chat: rendered by the tokenizer's chat template, not `prompt`
 
 
 @dataclass

@@ -16,7 +16,7 @@ from adapters import LoraModel
 from service.base_model import LoadedBase
 from service.engine.errors import BadRequestError
 
-__all__ = ["routing", "encode", "collate", "embed_rows", "classify_rows", "check_classify"]
+__all__ = ["routing", "encode", "render_chat", "collate", "embed_rows", "classify_rows", "check_classify"]
 
 
 def routing(lm: LoraModel, names: list[str | None]):
@@ -34,6 +34,22 @@ def encode(base: LoadedBase, texts: list[str], *, truncate: bool) -> list[list[i
     so the fast tokenizer's state is never changed under a concurrent call."""
     kwargs = {"truncation": True, "max_length": base.max_length} if truncate else {}
     return base.tokenizer(texts, **kwargs)["input_ids"]
+
+
+def render_chat(base: LoadedBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat, rendered by the tokenizer's own chat template with the assistant's turn opened
+    (tokenized by the template itself, so special tokens it writes are not added twice)."""
+    tok = base.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise BadRequestError(f"the base model {base.model_id!r} has no chat template (tokenizer_config.json "
+                              "`chat_template`): use /v1/completions with the prompt format it was trained on")
+    try:
+        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - a template may refuse a conversation (roles out of order...)
+        raise BadRequestError(f"the chat template refused these messages: {exc}") from exc
+    if not isinstance(ids, list):  # transformers 5 answers a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 def collate(base: LoadedBase, ids: list[list[int]], side: str | None = None) -> dict[str, torch.Tensor]:

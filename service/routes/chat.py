@@ -1,0 +1,109 @@
+"""POST /v1/chat/completions (OpenAI-compatible), for causal LMs whose tokenizer has a chat template.
+
+The messages go to the engine as they are; it renders them with the template in a worker thread and
+decodes them like any completion (batched continuously with every other request, whatever adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from service.chat_schemas import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+)
+from service.deps import EngineDep, RequireInference
+from service.engine import CompletionChunk, CompletionResult
+from service.engine import CompletionRequest as EngineCompletion
+from service.errors import error_body
+from service.routes import error_responses
+from service.schemas import Usage
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[RequireInference],
+                   responses=error_responses(400, 401, 404, 422, 503))
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             summary="Answer a conversation (OpenAI-compatible), with the base model's chat template",
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "JSON, or with stream=true, server-sent events"}})
+async def chat_completions(body: ChatCompletionRequest, engine: EngineDep
+                           ) -> ChatCompletionResponse | StreamingResponse:
+    request = EngineCompletion(model=body.model, prompt="", messages=[m.as_template_input() for m in body.messages],
+                               max_tokens=body.limit(), temperature=body.temperature, top_p=body.top_p,
+                               seed=body.seed, stop=body.stops(), logprobs=body.logprobs_wanted(), stream=body.stream)
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+    if body.stream:
+        chunks = engine.stream(request)
+        first = await anext(chunks)  # unknown adapter, no chat template... fail here, with a proper status
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_sse(first, chunks, meta, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    result: CompletionResult = await engine.complete(request)
+    c = result.choice
+    logprobs = _logprobs(c.tokens, c.token_logprobs, c.top_logprobs) if c.token_logprobs is not None else None
+    choice = ChatChoice(index=0, message=ChatResponseMessage(content=c.text), logprobs=logprobs,
+                        finish_reason=c.finish_reason)
+    usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                  total_tokens=result.prompt_tokens + result.completion_tokens)
+    return ChatCompletionResponse(**meta, choices=[choice], usage=usage)
+
+
+def _logprobs(tokens: list[str], logprobs: list[float], tops: list[dict[str, float]] | None) -> ChatLogprobs:
+    """OpenAI's chat shape: per token its text, logprob, UTF-8 bytes and the likeliest alternatives."""
+    def alternatives(top: dict[str, float]) -> list[ChatTopLogprob]:
+        return [ChatTopLogprob(token=k, logprob=v, bytes=list(k.encode())) for k, v in top.items()]
+
+    tops = tops or [{} for _ in tokens]
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=t, logprob=lp, bytes=list(t.encode()), top_logprobs=alternatives(top))
+        for t, lp, top in zip(tokens, logprobs, tops, strict=True)])
+
+
+async def _sse(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], meta: dict,
+               include_usage: bool) -> AsyncIterator[str]:
+    """`chat.completion.chunk` events: the assistant role first, then content deltas, then the finish reason
+    (and, with stream_options.include_usage, the token counts); `data: [DONE]` last. A failure mid-stream
+    is sent as an error event, the status line being gone."""
+
+    def event(delta: dict, finish: str | None = None, logprobs: ChatLogprobs | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs.model_dump() if logprobs else None,
+                  "finish_reason": finish}
+        return f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
+
+    def chunk_events(chunk: CompletionChunk) -> str:
+        logprobs = None
+        if chunk.token_logprobs is not None and chunk.tokens:
+            logprobs = _logprobs(chunk.tokens, chunk.token_logprobs, chunk.top_logprobs)
+        out = event({"content": chunk.text}, logprobs=logprobs) if chunk.text or logprobs else ""
+        if chunk.finish_reason is not None:
+            out += event({}, chunk.finish_reason)
+        if include_usage and chunk.usage is not None:
+            prompt, completion = chunk.usage
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+            out += f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+        return out
+
+    try:
+        yield event({"role": "assistant", "content": ""})
+        yield chunk_events(first)
+        async for chunk in rest:
+            yield chunk_events(chunk)
+    except Exception as exc:  # noqa: BLE001 - reported in-band
+        yield f"data: {json.dumps(error_body(exc))}\n\n"
+    finally:
+        await rest.aclose()
+    yield "data: [DONE]\n\n"
