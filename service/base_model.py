@@ -38,6 +38,9 @@ class LoadedBase:
     num_parameters: int
     nbytes: int
     max_length: int  # longest input the position embeddings allow
+    # Token ids that end a generation: the tokenizer's EOS and every one of generation_config.eos_token_id
+    # (instruct models end a turn with their own token, e.g. <|im_end|>, <|eot_id|>, <|end|>).
+    stop_ids: frozenset[int] = frozenset()
 
 
 def default_base_model() -> str:
@@ -112,4 +115,11 @@ def load_base_model(path: str | None, device: str = "auto", dtype: str = "float3
     params, nbytes = model_footprint(model)
     model_id = "all-MiniLM-L6-v2" if path == default_base_model() else (Path(path).name or str(path))
     return LoadedBase(model, tokenizer, task, model_id, torch_device, torch_dtype, labels,
-                      params, nbytes, int(positions))
+                      params, nbytes, int(positions), _stop_ids(model, tokenizer))
+
+
+def _stop_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= {configured} if isinstance(configured, int) else set(configured or [])
+    return frozenset(ids)

@@ -30,8 +30,10 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def as_template_input(self) -> dict[str, str]:
+        """What the chat template reads: role, content as one string, and the name when given (templates that
+        support names render it)."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": self.role, "content": text}
+        return {"role": self.role, "content": text, **({"name": self.name} if self.name is not None else {})}
 
 
 class ChatCompletionRequest(BaseModel):

@@ -125,7 +125,8 @@ class Decoder:
     @torch.inference_mode()
     def step(self) -> None:
         """One token for every running row, then one forward for those still running."""
-        tok, eos = self.base.tokenizer, self.base.tokenizer.eos_token_id
+        tok, stops = self.base.tokenizer, self.base.stop_ids
+        rider = min(stops, default=0)  # the token a finished row is fed, when the cache cannot drop rows
         finite = torch.isfinite(self._logits).all(-1).tolist()  # (B,): an adapter may overflow its own rows
         all_logprobs = torch.log_softmax(self._logits, -1)  # (B, V): the model's own distribution, in one call
         next_ids = []
@@ -136,16 +137,16 @@ class Decoder:
                 row.finish = "error"
                 row.item.fail(NonFiniteOutputError(row.item.adapter))
             if row.finish is not None:
-                next_ids.append(eos if eos is not None else 0)  # a rider, when the cache cannot drop rows
+                next_ids.append(rider)
                 continue
             try:
                 token = sample(self._logits[i], row.req.temperature, row.req.top_p, row.gen)
                 logprobs = all_logprobs[i]  # (V,)
-                advance(row, token, logprobs[token].item(), top_logprobs(logprobs, row.req.logprobs, tok), tok, eos)
+                advance(row, token, logprobs[token].item(), top_logprobs(logprobs, row.req.logprobs, tok), tok, stops)
             except Exception as exc:  # noqa: BLE001 - this row's own settings or text failed: it fails alone
                 row.finish = "error"
                 row.item.fail(exc)
-                next_ids.append(eos if eos is not None else 0)
+                next_ids.append(rider)
                 continue
             next_ids.append(token)
             if row.finish is not None:  # answered now, not when the batch's longest request ends

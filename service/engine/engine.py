@@ -232,7 +232,10 @@ class Engine(LoopThread):
             else:
                 (ids,) = encode(self.base, [payload.prompt], truncate=False)
         if payload.max_tokens is None:  # chat without a limit: whatever the context leaves
-            payload.max_tokens = max(self.base.max_length - len(ids), 0)
+            if len(ids) >= self.base.max_length:
+                raise BadRequestError(f"the conversation ({len(ids)} tokens) fills the model's context of "
+                                      f"{self.base.max_length} tokens: no room is left to answer")
+            payload.max_tokens = self.base.max_length - len(ids)
         check_prompt(self.base, payload, len(ids))
         return [ids]
 

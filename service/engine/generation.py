@@ -150,9 +150,9 @@ def _held_back(text: str, stops: list[str]) -> int:
     return len(text) - len(visible) + hold
 
 
-def advance(row: Row, token: int, logprob: float, top: dict[str, float], tok, eos: int | None) -> None:
+def advance(row: Row, token: int, logprob: float, top: dict[str, float], tok, stops: frozenset[int]) -> None:
     """Append one token; emit the new text; stop on EOS, a stop string, or max_tokens."""
-    if eos is not None and token == eos:
+    if token in stops:  # EOS, or the model's end-of-turn token
         row.finish = "stop"
         return
     previous = row.text
@@ -165,7 +165,7 @@ def advance(row: Row, token: int, logprob: float, top: dict[str, float], tok, eo
     row.text = text
     settled = len(previous.rstrip(_PARTIAL))
     row.starts.append((settled, len(previous) - settled))
-    row.tokens.append(tok.decode([token], skip_special_tokens=True))
+    row.tokens.append(tok.decode([token], skip_special_tokens=False))  # as top_logprobs names it
     row.logprobs.append(logprob)
     row.top.append(top)
     if row.finish is None and len(row.ids) >= row.req.max_tokens:

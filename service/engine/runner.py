@@ -11,10 +11,11 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from jinja2 import TemplateSyntaxError
 
 from adapters import LoraModel
 from service.base_model import LoadedBase
-from service.engine.errors import BadRequestError
+from service.engine.errors import BadRequestError, EngineError
 
 __all__ = ["routing", "encode", "render_chat", "collate", "embed_rows", "classify_rows", "check_classify"]
 
@@ -45,6 +46,9 @@ def render_chat(base: LoadedBase, messages: list[dict[str, str]]) -> list[int]:
                               "`chat_template`): use /v1/completions with the prompt format it was trained on")
     try:
         ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    except TemplateSyntaxError as exc:  # the model's files are broken, not the request
+        raise EngineError(f"the base model's chat template does not compile ({exc}); fix its chat_template "
+                          "or use /v1/completions") from exc
     except Exception as exc:  # noqa: BLE001 - a template may refuse a conversation (roles out of order...)
         raise BadRequestError(f"the chat template refused these messages: {exc}") from exc
     if not isinstance(ids, list):  # transformers 5 answers a BatchEncoding

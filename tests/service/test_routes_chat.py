@@ -103,3 +103,31 @@ def test_a_base_without_a_chat_template_is_a_clear_400(gpt2_client: TestClient):
 def test_chat_on_an_encoder_is_400(bert_client: TestClient):
     r = bert_client.post("/v1/chat/completions", json={"model": "base", "messages": MESSAGES})
     assert r.status_code == 400 and r.json()["error"]["type"] == "wrong_task_error"
+
+
+def test_a_conversation_that_fills_the_context_is_a_clear_400(chat_client: TestClient):
+    long = [{"role": "user", "content": "fox " * 200}]  # far more than the tiny model's 128 positions
+    r = chat_client.post("/v1/chat/completions", json={"model": "chat-a", "messages": long})
+    assert r.status_code == 400 and "no room is left to answer" in r.json()["error"]["message"]
+    r = chat_client.post("/v1/chat/completions", json={"model": "chat-a", "messages": long, "max_tokens": 4})
+    assert r.status_code == 400 and "exceeds the model's context" in r.json()["error"]["message"]
+
+
+def test_a_message_name_reaches_the_template(chat_client: TestClient):
+    tok = chat_client.app.state.base.tokenizer
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}{% if m.get('name') %} ({{ m['name'] }}){% endif %}"
+                         ": {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    plain = _chat(chat_client, messages=[{"role": "user", "content": "hi"}])
+    named = _chat(chat_client, messages=[{"role": "user", "content": "hi", "name": "bob"}])
+    assert named["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+
+
+def test_a_broken_chat_template_is_the_servers_500_not_the_clients_400(chat_client: TestClient):
+    chat_client.app.state.base.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }"  # unclosed
+    r = chat_client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES})
+    assert r.status_code == 500 and "chat template does not compile" in r.json()["error"]["message"]
+    chat_client.app.state.base.tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come first') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    r = chat_client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES[1:]})
+    assert r.status_code == 400 and "a system message must come first" in r.json()["error"]["message"]

@@ -178,7 +178,7 @@ def _decode_all(tok, ids, **request) -> tuple[object, _Sink]:
     req = CompletionRequest(model="a0", prompt="x", **{"max_tokens": len(ids), **request})
     row = Row(type("Item", (), {"payload": req, "push": sink.push, "resolve": sink.resolve})(), 1)
     for token in ids:
-        advance(row, token, -0.5, {}, tok, eos=None)
+        advance(row, token, -0.5, {}, tok, frozenset())
         if row.finish:
             break
     complete(row)
@@ -307,7 +307,7 @@ def test_the_earliest_stop_string_wins_and_offsets_stay_inside_the_text(gpt2_dir
     row = Row(type("Item", (), {"payload": CompletionRequest(model="a0", prompt="x", max_tokens=len(ids),
                                                               stop=["n", "ow"]), "push": sink.push})(), 1)
     for token in ids:
-        advance(row, token, -0.5, {}, tok, eos=None)
+        advance(row, token, -0.5, {}, tok, frozenset())
         if row.finish:
             break
     assert row.text == text[:text.index("ow")] and row.finish == "stop"
@@ -353,3 +353,40 @@ def test_a_row_whose_sampling_fails_fails_alone(gpt2_dir, monkeypatch):
     alone, (bad, ok) = asyncio.run(main())
     assert isinstance(bad, RuntimeError) and "sampler broke" in str(bad)
     assert ok.choice.tokens == alone.choice.tokens
+
+
+def test_the_models_end_of_turn_tokens_stop_generation(gpt2_dir):
+    """Instruct models end a turn with their own token (generation_config.eos_token_id), not only the
+    tokenizer's EOS: both stop a row."""
+    import torch
+
+    from service.base_model import _stop_ids
+
+    engine = make_engine(gpt2_dir)
+    eos = engine.base.tokenizer.eos_token_id
+    assert engine.base.stop_ids == {eos}
+    ids = engine.base.tokenizer("the quick", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        first = int(engine.base.model(input_ids=ids).logits[0, -1].argmax())  # what greedy decoding picks first
+    engine.base.stop_ids = frozenset({eos, first})
+
+    async def main():
+        await engine.start()
+        out = await engine.complete(CompletionRequest(model="base", prompt="the quick", max_tokens=8, temperature=0))
+        await engine.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert out.choice.finish_reason == "stop" and out.completion_tokens == 0 and out.choice.text == ""
+    model = type("M", (), {"generation_config": type("G", (), {"eos_token_id": [5, 7]})()})()
+    assert _stop_ids(model, type("T", (), {"eos_token_id": 3})()) == {3, 5, 7}
+
+
+def test_a_special_token_reads_the_same_in_tokens_and_top_logprobs(gpt2_dir):
+    from service.base_model import load_base_model
+
+    tok = load_base_model(str(gpt2_dir), "cpu", "float32").tokenizer
+    ids = tok("ab")["input_ids"] + [tok.eos_token_id] + tok("cd")["input_ids"]  # EOS that does not stop here
+    row, sink = _decode_all(tok, ids)
+    assert row.text == "abcd"  # special tokens never reach the text
+    assert tok.eos_token in row.tokens  # but the token is named, as top_logprobs names it
