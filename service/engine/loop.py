@@ -60,9 +60,8 @@ class LoopThread:
         stopping = False
         while True:
             decoding = self.decoder is not None and self.decoder.active
-            if self._waiting and self._room() > 0:  # requests that waited for rows to end: first come, first in
-                waiting, self._waiting = self._waiting, []
-                self._run_group(waiting)
+            if self._waiting and self._room() > 0:  # requests that waited for rows to end
+                self._run_group(self._take_waiting(self._room()), waited=True)
                 continue
             if stopping and not decoding:
                 return
@@ -133,12 +132,11 @@ class LoopThread:
         if isinstance(control, WorkItem):
             control.resolve(result)
 
-    def _run_group(self, items: list[WorkItem]) -> None:
+    def _run_group(self, items: list[WorkItem], waited: bool = False) -> None:
         generate = items[0].kind == "generate"
-        if generate:  # the running decode takes what it has room for; the rest waits for rows to end
-            room = max(self._room(), 0)
-            items, overflow = items[:room], items[room:]
-            self._waiting.extend(overflow)
+        if generate and not waited and (self._waiting or len(items) > self._room()):  # they queue, taking turns
+            self._waiting.extend(items)
+            items = self._take_waiting(max(self._room(), 0))
             if not items:
                 return
         started = time.perf_counter()
@@ -158,6 +156,22 @@ class LoopThread:
             self.metrics.batch_size.observe(len(items))
             if not generate:  # a decode's time is observed per step
                 self.metrics.forward_seconds.observe(time.perf_counter() - started)
+
+    def _take_waiting(self, n: int) -> list[WorkItem]:
+        """Up to n waiting generation requests, round-robin across the calls they came from (an HTTP request
+        with many prompts is one call), first come first within each: a call with thousands of prompts then
+        holds back a later one by at most one turn, not by all of its prompts."""
+        calls: dict[object, list[WorkItem]] = {}
+        for item in self._waiting:
+            calls.setdefault(item.payload.origin or id(item), []).append(item)
+        queues, taken = list(calls.values()), []
+        while len(taken) < n and any(queues):
+            for queue_ in queues:
+                if queue_ and len(taken) < n:
+                    taken.append(queue_.pop(0))
+        chosen = {id(item) for item in taken}
+        self._waiting = [item for item in self._waiting if id(item) not in chosen]
+        return taken
 
     def _join(self, items: list[WorkItem]) -> None:
         try:

@@ -27,6 +27,7 @@ class CompletionRequest:
     logprobs: int | None = None  # None: none; n: each token's logprob and the n most likely at its position
     stream: bool = False
     messages: list[dict[str, str]] | None = None  # chat: rendered by the tokenizer's chat template, not `prompt`
+    origin: str | None = None  # the call it belongs to (one HTTP request may carry many prompts): fair turns
 
 
 @dataclass

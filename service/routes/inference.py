@@ -57,12 +57,12 @@ def _texts(value: str | list[str]) -> list[str]:
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "JSON, or with stream=true, server-sent events"}})
 async def completions(body: CompletionRequest, engine: EngineDep) -> CompletionResponse | StreamingResponse:
-    requests = [EngineCompletion(model=body.model, prompt=p, max_tokens=body.max_tokens, temperature=body.temperature,
-                                 top_p=body.top_p, seed=body.seed, stop=body.stops(),
-                                 logprobs=body.logprobs, stream=body.stream)
-                for p in _texts(body.prompt)]
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
+    requests = [EngineCompletion(model=body.model, prompt=p, max_tokens=body.max_tokens, temperature=body.temperature,
+                                 top_p=body.top_p, seed=body.seed, stop=body.stops(),
+                                 logprobs=body.logprobs, stream=body.stream, origin=meta["id"])
+                for p in _texts(body.prompt)]
     if body.stream:
         if len(requests) != 1:
             raise BadRequest("stream=true takes a single prompt", key="prompt")

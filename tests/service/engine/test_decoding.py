@@ -269,3 +269,27 @@ def test_only_a_plain_dynamic_cache_is_spliced(gpt2_dir):
 
     cache.layers[1].__class__ = WithMoreState
     assert _kv_layers(cache) is None
+
+
+def test_a_call_with_many_prompts_does_not_hold_back_a_later_one(gpt2_dir):
+    """Waiting generation requests take turns by the call they came from: one HTTP request carrying six
+    prompts gets one row per turn beside a later single request, not all six ahead of it."""
+    engine = make_engine(gpt2_dir, max_batch_size=2)
+    finished = []
+
+    async def one(name, **kw):
+        await engine.complete(_req(model="a0", prompt="hello", temperature=0, **kw))
+        finished.append(name)
+
+    async def main():
+        await engine.start()
+        await engine.complete(_req(model="a0", prompt="hello", max_tokens=1))  # adapter resident, warm
+        big = [asyncio.ensure_future(one(f"big{i}", max_tokens=20, origin="big")) for i in range(6)]
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(one("small", max_tokens=20, origin="small"))
+        await asyncio.gather(*big, small)
+        await engine.stop()
+
+    asyncio.run(main())
+    # The first two big prompts start at once; of the four that wait, FIFO would run all before "small".
+    assert finished.index("small") < min(finished.index(f"big{i}") for i in (3, 4, 5)), finished
