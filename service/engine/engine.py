@@ -231,11 +231,6 @@ class Engine(LoopThread):
                 ids = render_chat(self.base, payload.messages)
             else:
                 (ids,) = encode(self.base, [payload.prompt], truncate=False)
-        if payload.max_tokens is None:  # chat without a limit: whatever the context leaves
-            if len(ids) >= self.base.max_length:
-                raise BadRequestError(f"the conversation ({len(ids)} tokens) fills the model's context of "
-                                      f"{self.base.max_length} tokens: no room is left to answer")
-            payload.max_tokens = self.base.max_length - len(ids)
         check_prompt(self.base, payload, len(ids))
         return [ids]
 

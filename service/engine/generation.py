@@ -63,9 +63,15 @@ class Row:
 
 
 def check_prompt(base: LoadedBase, req: CompletionRequest, prompt_len: int) -> None:
-    """Refuse, before queueing, a request that cannot fit the model's context, so it fails alone."""
+    """Refuse, before queueing, a request that cannot fit the model's context, so it fails alone. A request
+    without a limit (chat's default) gets what the context leaves, and is refused if that is nothing."""
     if prompt_len == 0:
         raise BadRequestError("the prompt is empty after tokenization")
+    if req.max_tokens is None:
+        if prompt_len >= base.max_length:
+            raise BadRequestError(f"the conversation ({prompt_len} tokens) fills the model's context of "
+                                  f"{base.max_length} tokens: no room is left to answer")
+        req.max_tokens = base.max_length - prompt_len
     if prompt_len + req.max_tokens > base.max_length:
         raise BadRequestError(f"prompt ({prompt_len} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
                               f"context of {base.max_length} tokens")
