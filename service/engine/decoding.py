@@ -10,9 +10,9 @@ Positions come from each row's own count of real tokens, and padding is masked, 
 depend on who joins or leaves (each row also keeps its own seeded generator). The engine's loop thread
 calls join and step, under the engine lock; between steps it runs other work (merges, deletes).
 
-Splicing needs a cache whose layers hold plain (batch, heads, time, dim) key and value tensors, as
-transformers' DynamicCache does. For any other cache (sliding windows, older transformers) `can_join` is
-False while a decode runs, and newcomers wait for it to end, as in static batching.
+Splicing needs a plain DynamicCache whose layers hold nothing but (batch, heads, time, dim) key and value
+tensors. For any other cache (sliding windows, hybrid layers, older transformers) `can_join` is False while
+a decode runs, and newcomers wait for it to end, as in static batching.
 """
 
 from __future__ import annotations
@@ -65,12 +65,12 @@ class Decoder:
         self._logits: torch.Tensor | None = None  # (B, V): the next token's logits, float32
         self._cache_arg = cache_argument(base.model)
 
-    @property
-    def active(self) -> bool:
-        return any(row.finish is None for row in self.rows)
-
     def running(self) -> int:
         return sum(row.finish is None for row in self.rows)
+
+    @property
+    def active(self) -> bool:
+        return self.running() > 0
 
     def adapters(self) -> set[str]:
         """The adapters running rows use: they must stay resident until those rows end."""

@@ -85,8 +85,13 @@ def top_logprobs(logprobs: torch.Tensor, n: int | None, tok) -> dict[str, float]
     values, ids = torch.topk(logprobs, min(n, logprobs.numel()))  # descending
     top: dict[str, float] = {}
     for value, token in zip(values.tolist(), ids.tolist(), strict=True):
-        top.setdefault(tok.decode([token], skip_special_tokens=False), value)
+        top.setdefault(_token_text(tok, token), value)
     return top
+
+
+def _token_text(tok, token: int) -> str:
+    """One token's own text, special tokens named (<|im_end|>): the same in `tokens` and in top_logprobs."""
+    return tok.decode([token], skip_special_tokens=False)
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -171,7 +176,7 @@ def advance(row: Row, token: int, logprob: float, top: dict[str, float], tok, st
     row.text = text
     settled = len(previous.rstrip(_PARTIAL))
     row.starts.append((settled, len(previous) - settled))
-    row.tokens.append(tok.decode([token], skip_special_tokens=False))  # as top_logprobs names it
+    row.tokens.append(_token_text(tok, token))
     row.logprobs.append(logprob)
     row.top.append(top)
     if row.finish is None and len(row.ids) >= row.req.max_tokens:
