@@ -30,7 +30,7 @@ from torch import nn
 
 from adapters.errors import AdapterMismatchError
 
-__all__ = ["LoraLinear", "Router", "is_lora_target_type", "conv1d_type"]
+__all__ = ["LoraLinear", "Router", "is_lora_target_type", "conv1d_type", "norm_product"]
 
 
 @functools.cache
@@ -56,6 +56,12 @@ class Router:
     row_ids: torch.Tensor | None = None  # (B,) int64 on the model's device
     row_names: list[str | None] | None = None
     version: int = 0  # bumped when the set of resident adapters or the merged adapter changes
+
+
+def norm_product(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max_i‖B_i‖ · max_j‖A_:j‖ for A (r, in), B (out, r): by Cauchy-Schwarz at least every |(B·A)_ij|, found
+    without forming the (out, in) product."""
+    return float(b.detach().float().norm(dim=1).max()) * float(a.detach().float().norm(dim=0).max())
 
 
 def _version_of(t: torch.Tensor) -> int:
@@ -326,8 +332,7 @@ class LoraLinear(nn.Module):
         versions = (_version_of(a), _version_of(b))
         cached = self._norm_cache.get(name)
         if cached is None or cached[0] != versions:
-            product = float(b.detach().float().norm(dim=1).max()) * float(a.detach().float().norm(dim=0).max())
-            cached = self._norm_cache[name] = (versions, product)
+            cached = self._norm_cache[name] = (versions, norm_product(a, b))
         return cached[1]
 
     def _write_merged(self, name: str, pristine: torch.Tensor, out: torch.Tensor) -> None:

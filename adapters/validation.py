@@ -17,7 +17,7 @@ from torch import nn
 from adapters.config import ALL_LINEAR, LoraConfig, exact_pattern
 from adapters.errors import AdapterFormatError, AdapterMismatchError, AdapterTooLargeError
 from adapters.injection import matches_target
-from adapters.layer import LoraLinear, is_lora_target_type
+from adapters.layer import LoraLinear, is_lora_target_type, norm_product
 from adapters.saved_modules import SavedModuleWrapper
 from adapters.weights import PREFIX, LoraWeights
 
@@ -145,7 +145,7 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
         _check_values(key_b, b, module.weight.dtype)
         if max_delta is not None:
             scaling = abs(weights.config.scaling_for(path, rank))
-            bound = scaling * float(b.float().norm(dim=1).max()) * float(a.float().norm(dim=0).max())
+            bound = scaling * norm_product(a, b)
             if not bound <= max_delta:
                 raise AdapterMismatchError(f"{key_b}: the update s·B·A may reach {bound:.3g} per weight (limit "
                                            f"{max_delta:g}); the adapter is far larger than any trained one", key=key_b)
