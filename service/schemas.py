@@ -18,7 +18,7 @@ __all__ = [
     "ComposeRequest", "ComposeResponse", "StateResponse", "CompletionRequest", "CompletionLogprobs",
     "CompletionChoice", "Usage", "CompletionResponse", "EmbeddingRequest", "Embedding", "EmbeddingResponse",
     "ClassifyRequest", "LabelScore", "Classification", "ClassifyResponse", "ModelCard", "ModelList", "Health",
-    "StreamOptions", "only_neutral",
+    "StreamOptions", "GenerationRequest", "only_neutral",
 ]
 
 MAX_INPUTS = 2048  # texts per embeddings/classify request, as OpenAI allows
@@ -136,42 +136,56 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class GenerationRequest(BaseModel):
+    """What completions and chat completions share: the adapter, sampling, stop strings, streaming, and the
+    OpenAI parameters accepted only at their neutral value."""
+
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="An adapter name, or 'base'")
-    prompt: Texts = Field(description="A prompt, or a list of prompts (one choice each)")
-    max_tokens: int = Field(16, ge=0, le=8192, description="null means the default, 16 (as OpenAI's)")
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="Up to 4 stop strings")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Each sampled token's logprob, and the `logprobs` "
-                                 "most likely tokens at each position (top_logprobs)")
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="With stream=true: include_usage adds a last "
+                                                                   "event with the token counts")
     n: Literal[1] = 1
     user: str | None = None
-    echo: bool = Field(False, description="Not supported: only false")
-    best_of: int | None = Field(None, description="Not supported: only 1")
-    suffix: str | None = Field(None, description="Not supported: only null")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: only null or {}")
     presence_penalty: float = Field(0, description="Not supported: only 0")
     frequency_penalty: float = Field(0, description="Not supported: only 0")
-    stream_options: StreamOptions | None = Field(None, description="With stream=true: include_usage adds a last "
-                                                                   "event with the token counts")
 
-    @field_validator(*_NEUTRAL)
+    @field_validator("logit_bias", "presence_penalty", "frequency_penalty")
     @classmethod
     def _only_neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        return only_neutral(info.field_name, value)
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Texts = Field(description="A prompt, or a list of prompts (one choice each)")
+    max_tokens: int = Field(16, ge=0, le=8192, description="null means the default, 16 (as OpenAI's)")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Each sampled token's logprob, and the `logprobs` "
+                                 "most likely tokens at each position (top_logprobs)")
+    echo: bool = Field(False, description="Not supported: only false")
+    best_of: int | None = Field(None, description="Not supported: only 1")
+    suffix: str | None = Field(None, description="Not supported: only null")
+
+    @field_validator("echo", "best_of", "suffix")
+    @classmethod
+    def _only_neutral_here(cls, value: Any, info: ValidationInfo) -> Any:
         return only_neutral(info.field_name, value)
 
     @field_validator("max_tokens", mode="before")
     @classmethod
     def _default_max_tokens(cls, value: Any) -> Any:
         return 16 if value is None else value
-
-    def stops(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return [s for s in stops if s]
 
 
 class CompletionLogprobs(BaseModel):
@@ -192,6 +206,10 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt: int, completion: int = 0) -> Usage:
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class CompletionResponse(BaseModel):

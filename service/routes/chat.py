@@ -6,10 +6,8 @@ decodes them like any completion (batched continuously with every other request,
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -26,8 +24,8 @@ from service.chat_schemas import (
 from service.deps import EngineDep, RequireInference
 from service.engine import CompletionChunk, CompletionResult
 from service.engine import CompletionRequest as EngineCompletion
-from service.errors import error_body
 from service.routes import error_responses
+from service.routes.sse import data, stream_response, usage_event
 from service.schemas import Usage
 
 __all__ = ["router"]
@@ -47,19 +45,16 @@ async def chat_completions(body: ChatCompletionRequest, engine: EngineDep
                                seed=body.seed, stop=body.stops(), logprobs=body.logprobs_wanted(), stream=body.stream)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        chunks = engine.stream(request)
-        first = await anext(chunks)  # unknown adapter, no chat template... fail here, with a proper status
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_sse(first, chunks, meta, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        opening = _event(meta, {"role": "assistant", "content": ""})
+        return await stream_response(engine, request, lambda chunk: _events(chunk, meta, body.include_usage()),
+                                     opening)
     result: CompletionResult = await engine.complete(request)
     c = result.choice
     logprobs = _logprobs(c.tokens, c.token_logprobs, c.top_logprobs) if c.token_logprobs is not None else None
     choice = ChatChoice(index=0, message=ChatResponseMessage(content=c.text), logprobs=logprobs,
                         finish_reason=c.finish_reason)
-    usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                  total_tokens=result.prompt_tokens + result.completion_tokens)
-    return ChatCompletionResponse(**meta, choices=[choice], usage=usage)
+    return ChatCompletionResponse(**meta, choices=[choice], usage=Usage.of(result.prompt_tokens,
+                                                                           result.completion_tokens))
 
 
 def _logprobs(tokens: list[str], logprobs: list[float], tops: list[dict[str, float]] | None) -> ChatLogprobs:
@@ -73,37 +68,21 @@ def _logprobs(tokens: list[str], logprobs: list[float], tops: list[dict[str, flo
         for t, lp, top in zip(tokens, logprobs, tops, strict=True)])
 
 
-async def _sse(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], meta: dict,
-               include_usage: bool) -> AsyncIterator[str]:
-    """`chat.completion.chunk` events: the assistant role first, then content deltas, then the finish reason
-    (and, with stream_options.include_usage, the token counts); `data: [DONE]` last. A failure mid-stream
-    is sent as an error event, the status line being gone."""
+def _event(meta: dict, delta: dict, finish: str | None = None, logprobs: ChatLogprobs | None = None) -> str:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs.model_dump() if logprobs else None,
+              "finish_reason": finish}
+    return data({**meta, "object": "chat.completion.chunk", "choices": [choice]})
 
-    def event(delta: dict, finish: str | None = None, logprobs: ChatLogprobs | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs.model_dump() if logprobs else None,
-                  "finish_reason": finish}
-        return f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
 
-    def chunk_events(chunk: CompletionChunk) -> str:
-        logprobs = None
-        if chunk.token_logprobs is not None and chunk.tokens:
-            logprobs = _logprobs(chunk.tokens, chunk.token_logprobs, chunk.top_logprobs)
-        out = event({"content": chunk.text}, logprobs=logprobs) if chunk.text or logprobs else ""
-        if chunk.finish_reason is not None:
-            out += event({}, chunk.finish_reason)
-        if include_usage and chunk.usage is not None:
-            prompt, completion = chunk.usage
-            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-            out += f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
-        return out
-
-    try:
-        yield event({"role": "assistant", "content": ""})
-        yield chunk_events(first)
-        async for chunk in rest:
-            yield chunk_events(chunk)
-    except Exception as exc:  # noqa: BLE001 - reported in-band
-        yield f"data: {json.dumps(error_body(exc))}\n\n"
-    finally:
-        await rest.aclose()
-    yield "data: [DONE]\n\n"
+def _events(chunk: CompletionChunk, meta: dict, include_usage: bool) -> str:
+    """A content delta (with its tokens' logprobs), then the finish reason on the last chunk, and with
+    stream_options.include_usage the counts; the assistant role went out first, in the opening event."""
+    logprobs = None
+    if chunk.token_logprobs is not None and chunk.tokens:
+        logprobs = _logprobs(chunk.tokens, chunk.token_logprobs, chunk.top_logprobs)
+    out = _event(meta, {"content": chunk.text}, logprobs=logprobs) if chunk.text or logprobs else ""
+    if chunk.finish_reason is not None:
+        out += _event(meta, {}, chunk.finish_reason)
+    if include_usage:
+        out += usage_event({**meta, "object": "chat.completion.chunk"}, chunk)
+    return out

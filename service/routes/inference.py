@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import struct
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 
 from fastapi import APIRouter
@@ -24,8 +22,9 @@ from fastapi.responses import StreamingResponse
 from service.deps import BaseDep, EngineDep, RequireInference, StoreDep
 from service.engine import CompletionChunk, CompletionResult
 from service.engine import CompletionRequest as EngineCompletion
-from service.errors import BadRequest, Unprocessable, error_body
+from service.errors import BadRequest, Unprocessable
 from service.routes import error_responses
+from service.routes.sse import data, stream_response, usage_event
 from service.schemas import (
     Classification,
     ClassifyRequest,
@@ -66,15 +65,10 @@ async def completions(body: CompletionRequest, engine: EngineDep) -> CompletionR
     if body.stream:
         if len(requests) != 1:
             raise BadRequest("stream=true takes a single prompt", key="prompt")
-        chunks = engine.stream(requests[0])
-        first = await anext(chunks)  # unknown adapter, wrong task... fail here, with a proper status
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_sse(first, chunks, meta, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await stream_response(engine, requests[0], lambda chunk: _event(chunk, meta, body.include_usage()))
     results: list[CompletionResult] = await asyncio.gather(*(engine.complete(r) for r in requests))
     choices = [_choice(i, r) for i, r in enumerate(results)]
-    prompt, completion = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
-    usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    usage = Usage.of(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
     return CompletionResponse(**meta, choices=choices, usage=usage)
 
 
@@ -87,34 +81,14 @@ def _choice(index: int, result: CompletionResult) -> CompletionChoice:
     return CompletionChoice(text=c.text, index=index, logprobs=logprobs, finish_reason=c.finish_reason)
 
 
-async def _sse(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], meta: dict,
-               include_usage: bool = False) -> AsyncIterator[str]:
-    """`data: {...}` per chunk, then `data: [DONE]`; a failure mid-stream is sent as an error event. With
-    stream_options.include_usage, a last event with no choices carries the token counts (OpenAI's format)."""
-
-    def event(chunk: CompletionChunk) -> str:
-        logprobs = None
-        if chunk.token_logprobs is not None:
-            logprobs = {"tokens": chunk.tokens, "token_logprobs": chunk.token_logprobs,
-                        "top_logprobs": chunk.top_logprobs,
-                        "text_offset": chunk.text_offsets}
-        choice = {"text": chunk.text, "index": 0, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
-        event = f"data: {json.dumps({**meta, 'choices': [choice]})}\n\n"
-        if include_usage and chunk.usage is not None:
-            prompt, completion = chunk.usage
-            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-            event += f"data: {json.dumps({**meta, 'choices': [], 'usage': usage})}\n\n"
-        return event
-
-    try:
-        yield event(first)
-        async for chunk in rest:
-            yield event(chunk)
-    except Exception as exc:  # noqa: BLE001 - the status line is gone; report in-band
-        yield f"data: {json.dumps(error_body(exc))}\n\n"
-    finally:
-        await rest.aclose()
-    yield "data: [DONE]\n\n"
+def _event(chunk: CompletionChunk, meta: dict, include_usage: bool) -> str:
+    """One `text_completion` event; with stream_options.include_usage, the counts after the last one."""
+    logprobs = None
+    if chunk.token_logprobs is not None:
+        logprobs = {"tokens": chunk.tokens, "token_logprobs": chunk.token_logprobs,
+                    "top_logprobs": chunk.top_logprobs, "text_offset": chunk.text_offsets}
+    choice = {"text": chunk.text, "index": 0, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
+    return data({**meta, "choices": [choice]}) + (usage_event(meta, chunk) if include_usage else "")
 
 
 @router.post("/embeddings", response_model=EmbeddingResponse, summary="Embed texts (OpenAI-compatible)")
@@ -125,7 +99,7 @@ async def embeddings(body: EmbeddingRequest, engine: EngineDep, base: BaseDep) -
                             "dimensions, and they are not truncated", key="dimensions")
     result = await engine.embed(body.model, _texts(body.input))
     data = [Embedding(index=i, embedding=_encode(e, body.encoding_format)) for i, e in enumerate(result.embeddings)]
-    usage = Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    usage = Usage.of(result.prompt_tokens)
     return EmbeddingResponse(data=data, model=body.model, usage=usage)
 
 
@@ -140,7 +114,7 @@ async def classify(body: ClassifyRequest, engine: EngineDep) -> ClassifyResponse
     result = await engine.classify(body.model, _texts(body.input))
     data = [Classification(index=i, label=ranked[0]["label"], score=ranked[0]["score"],
                            scores=[LabelScore(**s) for s in ranked]) for i, ranked in enumerate(result.results)]
-    usage = Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    usage = Usage.of(result.prompt_tokens)
     return ClassifyResponse(data=data, model=body.model, usage=usage)
 
 
