@@ -9,6 +9,7 @@ one client could send a prompt of hundreds of megabytes and hold the tokenizer (
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import BadRequest, PayloadTooLarge, error_response
@@ -26,10 +27,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http" or _is_adapter_upload(scope):
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, b"content-length")
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             error = (PayloadTooLarge(self._message(int(declared))) if declared.isdigit()
-                     else BadRequest(f"invalid Content-Length {declared.decode(errors='replace')!r}"))
+                     else BadRequest(f"invalid Content-Length {declared!r}"))
             await error_response(error)(scope, receive, send)
             return
         body = bytearray()
@@ -58,10 +59,6 @@ class BodyLimitMiddleware:
     def _message(self, size: int | None = None) -> str:
         what = f"a request body of {size} bytes" if size is not None else "the request body"
         return f"{what} exceeds the limit of {self.limit} bytes (max_request_bytes)"
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    return next((value for key, value in scope.get("headers", []) if key.lower() == name), None)
 
 
 def _is_adapter_upload(scope: Scope) -> bool:
