@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from adapters.errors import AdapterMismatchError
+from adapters.merge_kernel import MergeJob, write_merged
 
 __all__ = ["LoraLinear", "Router", "is_lora_target_type", "conv1d_type", "norm_product"]
 
@@ -335,16 +336,14 @@ class LoraLinear(nn.Module):
             cached = self._norm_cache[name] = (versions, norm_product(a, b))
         return cached[1]
 
-    def _write_merged(self, name: str, pristine: torch.Tensor, out: torch.Tensor) -> None:
-        """out = W0 + s·B·A computed from W0, never W -= …: this is the only merge formula, shared by the
-        commit and the safety check so that both round identically."""
+    def merge_job(self, name: str, out: torch.Tensor | None = None) -> MergeJob:
+        """W0 + s·B·A into W (or into `out`), as a job for write_merged: the only merge formula, shared by the
+        commit and the safety check so that both round identically. Never W -= …: always from W0."""
+        w = self._modules["base_layer"].weight  # straight from _modules: nn.Module.__getattr__ is slow
         (a, b), s = self._ab[name], self.scaling[name]
         # In W's own layout: Linear (out, in) = B (out, r) @ A (r, in); Conv1D (in, out) = Aᵀ (in, r) @ Bᵀ (r, out).
         left, right = (a.T, b.T) if self.fan_in_fan_out else (b, a)
-        # addmm reads W0 and writes W: about one copy of W plus a rank-r matmul. Row blocks sized to stay
-        # in cache were measured too (CPU, fp32, GPT-2 small): no faster single-threaded, and much slower
-        # with two threads, where every small call pays a thread barrier.
-        torch.addmm(pristine, left, right, alpha=s, out=out)  # (rows, r) @ (r, cols) -> (rows, cols)
+        return (w if out is None else out, self._pristine_on_device(w), left, right, s)
 
     def _pristine_on_device(self, w: torch.Tensor) -> torch.Tensor:
         assert self._pristine is not None, "snapshot_pristine() first"
@@ -353,35 +352,31 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merged_candidate_is_finite(self, name: str) -> bool:
         """PEFT's safe_merge: build the merged weight in a scratch buffer and look at it; W is not touched."""
-        w = self.base_layer.weight
-        candidate = torch.empty_like(w)
-        self._write_merged(name, self._pristine_on_device(w), candidate)
+        candidate = torch.empty_like(self.base_layer.weight)
+        write_merged([self.merge_job(name, out=candidate)])
         return bool(torch.isfinite(candidate).all())
 
     def merge(self, name: str | None) -> None:
-        """Write W = W0 + s·B·A (or W0 for None) straight from the pristine copy: a switch is one pass."""
+        """Write W = W0 + s·B·A (or W0 for None) straight from the pristine copy: a switch is one pass.
+        (LoraModel.merge batches every layer's job into one write_merged call instead.)"""
+        if torch.is_grad_enabled():  # no grad-mode context when grad is already off: unmerge calls this per layer
+            with torch.no_grad():
+                return self.merge(name)
         if name not in self._ab:
             name = None
-        # A switch calls this for every layer, so the per-call Python costs count: the base layer straight
-        # from _modules (nn.Module.__getattr__ is slow), and no grad-mode context when grad is already off.
-        w = self._modules["base_layer"].weight
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                self._write(name, w)
+        if name is None:
+            w = self._modules["base_layer"].weight
+            w.copy_(self._pristine_on_device(w))
         else:
-            self._write(name, w)
+            write_merged([self.merge_job(name)])
+        self.mark_merged(name)
+
+    def mark_merged(self, name: str | None) -> None:
         # Plain state goes straight into __dict__: nn.Module.__setattr__ costs microseconds a call, and a
         # switch makes a few per layer. (These attributes are never parameters, buffers or modules.)
         self.__dict__.update(merged_adapter=name, _stack_cache=None)
 
-    def _write(self, name: str | None, w: torch.Tensor) -> None:
-        pristine = self._pristine_on_device(w)
-        if name is None:
-            w.copy_(pristine)
-        else:
-            self._write_merged(name, pristine, w)
-
     def unmerge(self) -> None:
         if self._pristine is not None and self.merged_adapter is not None:
             self.merge(None)  # a copy of W0, never a subtraction
-        self.__dict__.update(merged_adapter=None, _stack_cache=None)
+        self.mark_merged(None)

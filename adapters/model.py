@@ -31,6 +31,7 @@ from adapters.config import LoraConfig
 from adapters.errors import MergeError, UnknownAdapterError
 from adapters.injection import resolve_targets, set_submodule
 from adapters.layer import LoraLinear, Router
+from adapters.merge_kernel import write_merged
 from adapters.saved_modules import SavedModuleWrapper
 from adapters.validation import refuse_lora_on_saved, refuse_saved_on_lora, validate_adapter
 from adapters.weights import LoraWeights
@@ -265,9 +266,14 @@ class LoraModel:
             if name in layer.scaling and layer.may_overflow(name) and not layer.merged_candidate_is_finite(name):
                 raise MergeError(f"merging {name!r} would make {path}.weight non-finite; nothing was changed",
                                  key=path)
+        targeted = [layer for layer in layers.values() if name in layer.scaling]
         for layer in layers.values():
-            if name in layer.scaling or layer.merged_adapter is not None:
-                layer.merge(name)  # one pass from W0 per layer: a switch needs no separate unmerge
+            if name not in layer.scaling and layer.merged_adapter is not None:
+                layer.merge(None)  # a layer the new adapter does not touch goes back to W0
+        # One pass from W0 per layer, all layers in one call: a switch needs no separate unmerge.
+        write_merged([layer.merge_job(name) for layer in targeted])
+        for layer in targeted:
+            layer.mark_merged(name)
         self.merged_adapter = name
         self.router.version += 1
         self.set_adapter(name)

@@ -5,8 +5,9 @@ PEFT makes two random adapters X and Y (rank 8, `init_lora_weights=False`) and s
 library loads the very same files into a copy of the same base. Then, interleaved round by round:
 
   copy      w.copy_(src) over every targeted weight: the floor any exact switch must pay
-  switch    ours: with X merged, LoraModel.merge("y") (X restored and Y merged: one addmm per layer),
-            then merge("x") and so on; each call is one sample
+  switch    ours: with X merged, LoraModel.merge("y") (X restored and Y merged: one pass per layer from the
+            pristine copy, all layers in one call of the fused kernel), then merge("x") and so on; one sample each
+  addmm     the same switch with the fused kernel turned off: one torch.addmm per layer (copy + GEMM pass)
   peft      PEFT's merge_adapter() followed by unmerge_adapter() on adapter X (one sample per pair)
 
 Targets: switch <= 2x copy, and PEFT >= 5x switch. Also reported: PEFT / copy, the ceiling of PEFT / switch for
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters import LoraModel, load_peft_dir  # noqa: E402
+from adapters.merge_kernel import kernel_name, use_fused_kernel  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     build_gpt2_small,
     interleaved_times,
@@ -113,28 +115,34 @@ def bench_model(name: str, build, args) -> dict:
         state["merged"] = "y" if state["merged"] == "x" else "x"
         lm.merge(state["merged"])
 
+    def switch_addmm() -> None:
+        with use_fused_kernel(False):
+            switch()
+
     def peft_merge_unmerge() -> None:
         pm.merge_adapter()
         pm.unmerge_adapter()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = interleaved_times({"copy": copy_all, "switch": switch, "peft": peft_merge_unmerge},
-                                  {"copy": args.runs, "switch": args.runs, "peft": args.peft_runs}, args.device,
-                                  clock=args.clock)
+        fns = {"copy": copy_all, "switch": switch, "addmm": switch_addmm, "peft": peft_merge_unmerge}
+        runs = {"copy": args.runs, "switch": args.runs, "addmm": args.runs, "peft": args.peft_runs}
+        times = interleaved_times(fns, runs, args.device, clock=args.clock)
     if state["merged"] != "x":
         lm.merge("x")
     lm.unmerge()
     ours_exact = all(torch.equal(w, original[p]) for p, w in lm.merge_target_weights().items())
     peft_drift = max(float((peft_weights[p].float() - w.float()).abs().max()) for p, w in original.items())
 
-    copy_ms, switch_ms, peft_ms = (summary(times[k]) for k in ("copy", "switch", "peft"))
+    copy_ms, switch_ms, addmm_ms, peft_ms = (summary(times[k]) for k in ("copy", "switch", "addmm", "peft"))
     return {
         "model": name, "targets": args.targets, "rank": args.rank, "dtype": args.dtype,
         "targeted_layers": len(targeted), "targeted_parameters": n_params,
         "targeted_bytes": sum(w.numel() * w.element_size() for w in targeted),
-        "copy": copy_ms, "switch": switch_ms, "peft_merge_unmerge": peft_ms,
+        "merge_kernel": kernel_name(args.device, dtype),
+        "copy": copy_ms, "switch": switch_ms, "switch_addmm": addmm_ms, "peft_merge_unmerge": peft_ms,
         "switch_over_copy": switch_ms["median_ms"] / copy_ms["median_ms"],
+        "addmm_switch_over_copy": addmm_ms["median_ms"] / copy_ms["median_ms"],
         "peft_over_switch": peft_ms["median_ms"] / switch_ms["median_ms"],
         "peft_over_copy": peft_ms["median_ms"] / copy_ms["median_ms"],
         "merged_output_max_diff_vs_peft": merged_diff,
@@ -181,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = r["switch_over_copy"] <= SWITCH_VS_COPY_MAX and r["peft_over_switch"] >= PEFT_VS_SWITCH_MIN
         rows.append([
             r["model"], f'{r["targeted_layers"]} layers / {r["targeted_parameters"] / 1e6:.1f}M',
-            f'{r["copy"]["median_ms"]:.1f}', f'{r["switch"]["median_ms"]:.1f}', f'{r["switch_over_copy"]:.2f}x',
+            r["merge_kernel"], f'{r["copy"]["median_ms"]:.1f}', f'{r["switch"]["median_ms"]:.1f}',
+            f'{r["switch_over_copy"]:.2f}x', f'{r["addmm_switch_over_copy"]:.2f}x',
             f'{r["peft_merge_unmerge"]["median_ms"]:.1f}', f'{r["peft_over_switch"]:.1f}x',
             f'{r["peft_over_copy"]:.1f}x',
             "yes" if r["restore_bit_exact_after_switches"] else "NO",
@@ -194,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
           f"->{m['load_average_1m_end']}; {args.clock} clock, medians of {args.runs} (PEFT: {args.peft_runs}) "
           "interleaved runs\n")
     print(markdown_table(
-        ["model", "targeted", "copy ms", "switch ms", "switch/copy (<=2x)", "PEFT merge+unmerge ms",
+        ["model", "targeted", "kernel", "copy ms", "switch ms", "switch/copy (<=2x)", "addmm switch/copy",
+         "PEFT merge+unmerge ms",
          "PEFT/switch (>=5x)", "PEFT/copy (ceiling)", "exact restore", "PEFT drift", "targets"], rows))
     if args.out:
         write_json(args.out, results)

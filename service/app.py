@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from adapters.merge_kernel import kernel_name
 from service import __version__
 from service.auth import KeyRing
 from service.engine import Engine, load_base_model
@@ -74,8 +75,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         base = await run_in_threadpool(load_base_model, settings.base_model, settings.device, settings.dtype,
                                        settings.task)
-        log.info("base model %s: task %s, %s parameters, %.1f MB %s on %s", base.model_id, base.task,
-                 f"{base.num_parameters:,}", base.nbytes / 1e6, settings.dtype, base.device)
+        log.info("base model %s: task %s, %s parameters, %.1f MB %s on %s; merges run on %s", base.model_id,
+                 base.task, f"{base.num_parameters:,}", base.nbytes / 1e6, settings.dtype, base.device,
+                 kernel_name(base.device, base.dtype))
         engine = Engine(base, settings, store, app.state.metrics)
         await engine.start()
         app.state.store, app.state.base, app.state.engine = store, base, engine

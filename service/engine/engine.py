@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from adapters import LoraModel, LoraWeights, validate_adapter
+from adapters.merge_kernel import kernel_name
 from adapters.validation import model_index
 from service.base_model import LoadedBase
 from service.engine.decoding import Decoder
@@ -194,6 +195,7 @@ class Engine(LoopThread):
                     "host_cached_adapters": self.host_cache.names(),
                     "host_cache_bytes": self.host_cache.nbytes,
                     "pristine_bytes": self.lm.pristine_nbytes(),
+                    "merge_kernel": kernel_name(self.base.device, self.base.dtype),
                     "fingerprint": fingerprint(self.base.model, pristine=False) if fingerprints else None,
                     "pristine_fingerprint": fingerprint(self.base.model, pristine=True) if fingerprints else None,
                 }

@@ -1,0 +1,141 @@
+"""The fused CPU merge kernel against torch.addmm, the formula both compute, and the paths that fall back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters import LoraModel
+from adapters.merge_kernel import (
+    MAX_FUSED_RANK,
+    fused_kernel_available,
+    kernel_name,
+    use_fused_kernel,
+    write_merged,
+)
+from tests.adapters.lora_fixtures import make_gpt2, random_weights
+
+needs_kernel = pytest.mark.skipif(not fused_kernel_available(), reason="kernel not built (see test_kernel_is_built)")
+
+
+def _job(rows: int, cols: int, rank: int, seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(rows, cols, generator=g).to(dtype)
+    left = torch.randn(rows, rank, generator=g).to(dtype)
+    right = torch.randn(rank, cols, generator=g).to(dtype)
+    return torch.full_like(w0, float("nan")), w0, left, right, 0.37
+
+
+def _reference(w0, left, right, scale):
+    return w0.double() + scale * (left.double() @ right.double())
+
+
+def test_kernel_is_built():
+    """The README's set-up builds it (setup.py, with the C compiler every CI machine has): if this fails, merges
+    still work through addmm, but a switch costs about half a copy more."""
+    assert fused_kernel_available(), "adapters/_fused_merge.c was not compiled: is a C compiler (cc/gcc) installed?"
+    assert kernel_name("cpu", torch.float32) == "fused"
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,cols,rank", [
+    (384, 384, 8),     # MiniLM attention: whole 128-column blocks
+    (7, 200, 3),       # 128 + 4·16 + 8 columns: every tail path
+    (1, 1, 1),         # one element
+    (300, 17, 32),     # the largest fused rank; 16 + 1 columns
+    (2049, 96, 16),    # more than one thread's worth of rows
+])
+def test_fused_matches_the_formula(rows, cols, rank):
+    out, w0, left, right, s = _job(rows, cols, rank)
+    w0_before = w0.clone()
+    write_merged([(out, w0, left, right, s)])
+    torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=1e-5, atol=1e-5)
+    assert torch.equal(w0, w0_before), "W0 is only read"
+    with use_fused_kernel(False):
+        by_addmm = torch.empty_like(out)
+        write_merged([(by_addmm, w0, left, right, s)])
+    torch.testing.assert_close(out, by_addmm, rtol=1e-6, atol=1e-5)
+
+
+@needs_kernel
+def test_one_call_for_many_jobs_writes_each_exactly_as_alone():
+    jobs = [_job(r, c, k, seed=i) for i, (r, c, k) in enumerate([(64, 640, 8), (1536, 384, 8), (5, 3, 2)])]
+    write_merged(jobs)
+    for out, w0, left, right, s in jobs:
+        alone = torch.empty_like(out)
+        write_merged([(alone, w0, left, right, s)])
+        assert torch.equal(out, alone), "a job's result must not depend on its neighbours or the thread split"
+
+
+@needs_kernel
+def test_result_does_not_depend_on_the_number_of_threads():
+    out, w0, left, right, s = _job(4096, 384, 8)  # 1.5M elements: split across threads
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            write_merged([(out, w0, left, right, s)])
+            results.append(out.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@needs_kernel
+def test_transposed_factors_are_made_contiguous_first():
+    """GPT-2's Conv1D passes Aᵀ and Bᵀ: views, not contiguous; the kernel reads them as row-major copies."""
+    out, w0, left, right, s = _job(96, 80, 4)
+    write_merged([(out, w0, left.T.contiguous().T, right.T.contiguous().T, s)])
+    torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["float64", "bfloat16", "rank_too_large", "strided_out"])
+def test_what_the_kernel_does_not_take_still_merges_through_addmm(case):
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
+    rank = MAX_FUSED_RANK + 1 if case == "rank_too_large" else 4
+    out, w0, left, right, s = _job(48, 40, rank, dtype=dtype)
+    if case == "strided_out":
+        out = torch.empty(40, 48).T  # (48, 40), not contiguous
+    write_merged([(out, w0, left, right, s)])
+    tol = 0.05 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=tol, atol=tol)
+
+
+@needs_kernel
+def test_a_fused_write_moves_the_version_counter_like_an_inplace_op():
+    out, w0, left, right, s = _job(32, 64, 4)
+    before = out._version
+    write_merged([(out, w0, left, right, s)])
+    assert out._version > before
+
+
+def test_use_fused_kernel_switches_the_reported_kernel():
+    with use_fused_kernel(False):
+        assert kernel_name("cpu", torch.float32) == "addmm"
+    assert kernel_name("cpu", torch.float64) == "addmm"
+    assert kernel_name("cuda", torch.float32) == "addmm"
+
+
+@needs_kernel
+def test_switches_on_gpt2_agree_with_addmm_and_restore_bit_for_bit():
+    """Conv1D layers (fan_in_fan_out), all-linear: the fused switch gives addmm's weights (to the last bits) and
+    unmerging after many switches still gives W0 exactly."""
+    weights = {}
+    for merge_with_kernel in (True, False):
+        model = make_gpt2(seed=0)
+        original = {n: p.detach().clone() for n, p in model.named_parameters()}
+        lm = LoraModel(model)
+        for i, name in enumerate(("x", "y")):
+            lm.add_adapter(name, random_weights(model, seed=10 + i, r=4, target_modules="all-linear"))
+        with use_fused_kernel(merge_with_kernel):
+            for step in range(6):
+                lm.merge("xy"[step % 2])
+            weights[merge_with_kernel] = {p: w.detach().clone() for p, w in lm.merge_target_weights().items()}
+            lm.unmerge()
+        for n, p in lm.model.named_parameters():
+            key = n.replace(".base_layer", "")
+            if key in original:
+                assert torch.equal(p, original[key]), n
+    for path, w in weights[True].items():
+        torch.testing.assert_close(w, weights[False][path], rtol=1e-6, atol=1e-6)
