@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from http_testkit import BERT_TARGETS, make_adapter, peft_files, single_file
 
 from adapters import LoraConfig, LoraWeights
+from adapters.merge_kernel import fused_kernel_available
 
 
 def _embed(client: TestClient, model: str, text: str = "merge me") -> torch.Tensor:
@@ -29,6 +30,8 @@ def test_state_when_nothing_is_merged(bert_client: TestClient):
     assert state["merged_adapter"] is None and state["mode"] == "unmerged"
     assert state["fingerprint"] == state["pristine_fingerprint"] and len(state["fingerprint"]) == 64
     assert isinstance(state["resident_adapters"], list) and state["merge_policy"]["policy"] == "auto"
+    # The test base is float32 on the CPU, so merges run on the fused kernel wherever it was built.
+    assert state["merge_kernel"] == ("fused" if fused_kernel_available() else "addmm")
 
 
 def test_fingerprint_does_not_depend_on_resident_adapters(bert_client: TestClient, unique: str):
