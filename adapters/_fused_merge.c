@@ -94,6 +94,7 @@ static void merge_span(merge_rows_fn merge_rows, const merge_job *jobs, int64_t 
     for (int64_t n = 0; n < n_jobs; n++) {
         const merge_job *job = &jobs[n];
         const int64_t cols = job->cols;
+        if (job->rows <= 0 || cols <= 0) continue; /* empty: nothing to write (and no division by zero) */
         int64_t lo = start - base, hi = stop - base;
         lo = lo <= 0 ? 0 : (lo + cols - 1) / cols;
         hi = hi <= 0 ? 0 : (hi + cols - 1) / cols;
@@ -107,7 +108,8 @@ int lora_fused_merge_abi(void) { return 1; } /* bumped whenever merge_job or the
 
 void lora_fused_merge(const merge_job *jobs, int64_t n_jobs, int64_t n_threads) {
     int64_t total = 0;
-    for (int64_t n = 0; n < n_jobs; n++) total += jobs[n].rows * jobs[n].cols;
+    for (int64_t n = 0; n < n_jobs; n++)
+        if (jobs[n].rows > 0 && jobs[n].cols > 0) total += jobs[n].rows * jobs[n].cols;
     if (n_threads < 1 || total < (1 << 15)) n_threads = 1; /* below ~128 kB a thread's wake-up costs more */
     const merge_rows_fn merge_rows = pick_merge_rows();
 #pragma omp parallel num_threads((int)n_threads)

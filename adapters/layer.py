@@ -343,17 +343,22 @@ class LoraLinear(nn.Module):
         (a, b), s = self._ab[name], self.scaling[name]
         # In W's own layout: Linear (out, in) = B (out, r) @ A (r, in); Conv1D (in, out) = Aᵀ (in, r) @ Bᵀ (r, out).
         left, right = (a.T, b.T) if self.fan_in_fan_out else (b, a)
-        return (w if out is None else out, self._pristine_on_device(w), left, right, s)
+        assert self._pristine is not None, "snapshot_pristine() first"
+        # W0 as kept (possibly on the host): write_merged moves it to W's device one layer at a time.
+        return (w if out is None else out, self._pristine, left, right, s)
 
     def _pristine_on_device(self, w: torch.Tensor) -> torch.Tensor:
         assert self._pristine is not None, "snapshot_pristine() first"
         return self._pristine if self._pristine.device == w.device else self._pristine.to(w.device, non_blocking=True)
 
     @torch.no_grad()
-    def merged_candidate_is_finite(self, name: str) -> bool:
+    def merged_candidate_is_finite(self, name: str, fused: bool = True) -> bool:
         """PEFT's safe_merge: build the merged weight in a scratch buffer and look at it; W is not touched."""
-        candidate = torch.empty_like(self.base_layer.weight)
-        write_merged([self.merge_job(name, out=candidate)])
+        w = self.base_layer.weight
+        # W's own strides (not empty_like's, which makes a sliced W contiguous): the candidate then takes the same
+        # path in write_merged as the commit, so both round identically.
+        candidate = torch.empty_strided(w.shape, w.stride(), dtype=w.dtype, device=w.device)
+        write_merged([self.merge_job(name, out=candidate)], fused=fused)
         return bool(torch.isfinite(candidate).all())
 
     def merge(self, name: str | None) -> None:

@@ -17,16 +17,13 @@ share the call or on the number of threads.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import importlib.machinery
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_FUSED_RANK", "MergeJob", "fused_kernel_available", "kernel_name", "use_fused_kernel",
-           "write_merged"]
+__all__ = ["MAX_FUSED_RANK", "MergeJob", "fused_kernel_available", "kernel_name", "write_merged"]
 
 # (out, w0, left, right, scale): out = w0 + scale · left @ right; out, w0 (rows, cols), left (rows, r), right (r, cols)
 MergeJob = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
@@ -57,38 +54,26 @@ def _load() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(path))  # torch is imported above, so its libgomp.so.1 is the one bound
             if lib.lora_fused_merge_abi() != _ABI:
                 return None
-        except (OSError, AttributeError):
+            lib.lora_fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]
+            lib.lora_fused_merge.restype = None
+        except (OSError, AttributeError):  # not loadable, or not the library this file speaks to: use addmm
             return None
-        lib.lora_fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]
-        lib.lora_fused_merge.restype = None
         return lib
     return None
 
 
 _LIB = _load()
-_enabled = True
 
 
 def fused_kernel_available() -> bool:
     return _LIB is not None
 
 
-def kernel_name(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+def kernel_name(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, fused: bool = True) -> str:
     """What a merge of weights on `device` in `dtype` runs on here (adapters of rank <= MAX_FUSED_RANK):
-    "fused" or "addmm". The service reports it in /v1/state and logs it at start-up."""
-    fused = _LIB is not None and _enabled and torch.device(device).type == "cpu" and dtype == torch.float32
-    return "fused" if fused else "addmm"
-
-
-@contextlib.contextmanager
-def use_fused_kernel(enabled: bool) -> Iterator[None]:
-    """Turn the fused kernel off (or back on) inside the block: benchmarks time both, tests compare them."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+    "fused" or "addmm". `fused=False` is the caller's choice of addmm (`LoraModel(fused_merges=False)`)."""
+    on = fused and _LIB is not None and torch.device(device).type == "cpu" and dtype == torch.float32
+    return "fused" if on else "addmm"
 
 
 def _fusable(out: torch.Tensor, w0: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
@@ -96,24 +81,37 @@ def _fusable(out: torch.Tensor, w0: torch.Tensor, left: torch.Tensor, right: tor
     f32 = torch.float32
     if not (out.dtype is f32 and w0.dtype is f32 and left.dtype is f32 and right.dtype is f32
             and out.is_cpu and w0.is_cpu and left.is_cpu and right.is_cpu
-            and out.dim() == 2 and left.dim() == 2 and out.is_contiguous() and w0.is_contiguous()):
+            and out.dim() == 2 and left.dim() == 2 and out.numel() > 0
+            and out.is_contiguous() and w0.is_contiguous() and not out.is_neg() and not w0.is_neg()):
         return False
     rows, cols = out.shape
     rank = left.shape[1]
     return (w0.shape == out.shape and left.shape[0] == rows and right.shape == (rank, cols)
-            and 0 < rank <= MAX_FUSED_RANK and out.data_ptr() != w0.data_ptr())
+            and 0 < rank <= MAX_FUSED_RANK)
 
 
-def write_merged(jobs: list[MergeJob]) -> None:
+def _overlaps(out: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether two contiguous float32 tensors share any byte: the kernel reads as it writes, so an input that
+    overlaps the output (addmm refuses those) must not reach it."""
+    start, other_start = out.data_ptr(), other.data_ptr()
+    return start < other_start + 4 * other.numel() and other_start < start + 4 * out.numel()
+
+
+def write_merged(jobs: list[MergeJob], *, fused: bool = True) -> None:
     """out = w0 + s·(left @ right) for every job. CPU float32 jobs go to the fused kernel in one call (the
-    threads split all of them by elements); the rest run torch.addmm one by one."""
+    threads split all of them by elements); the rest, or all with fused=False, run torch.addmm one by one, each
+    bringing its W0 to the output's device only for its own turn (W0 may be kept on the host: one layer's copy
+    at a time)."""
     fused: list[tuple[torch.Tensor, ...]] = []
     for out, w0, left, right, scale in jobs:
-        if _LIB is not None and _enabled and _fusable(out, w0, left, right):
-            # left/right are (r, ·) or (·, r): a contiguous copy is a few kB, and `fused` keeps it alive.
-            fused.append((out, w0, left.contiguous(), right.contiguous(), scale))
-        else:
-            torch.addmm(w0, left, right, alpha=scale, out=out)  # (rows, r) @ (r, cols) -> (rows, cols)
+        if fused and _LIB is not None and _fusable(out, w0, left, right):
+            # left/right are (r, ·) or (·, r): a row-major copy is a few kB, and `fused` keeps it alive.
+            left, right = left.resolve_neg().contiguous(), right.resolve_neg().contiguous()
+            if not (_overlaps(out, w0) or _overlaps(out, left) or _overlaps(out, right)):
+                fused.append((out, w0, left, right, scale))
+                continue
+        w0 = w0 if w0.device == out.device else w0.to(out.device, non_blocking=True)
+        torch.addmm(w0, left, right, alpha=scale, out=out)  # (rows, r) @ (r, cols) -> (rows, cols)
     if not fused:
         return
     table = (_Job * len(fused))(*[

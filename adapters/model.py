@@ -41,10 +41,13 @@ __all__ = ["LoraModel"]
 
 class LoraModel:
     def __init__(self, model: nn.Module, *, max_rank: int | None = None,
-                 pristine_device: torch.device | str | None = None) -> None:
+                 pristine_device: torch.device | str | None = None, fused_merges: bool = True) -> None:
         self.model = model
         self.max_rank = max_rank
         self.pristine_device = pristine_device
+        # Merges of CPU float32 weights run on the one-pass C kernel when it was built (adapters/merge_kernel.py);
+        # False keeps them on torch.addmm (the same formula, about half a copy slower per switch).
+        self.fused_merges = fused_merges
         self.router = Router()
         self.configs: dict[str, LoraConfig] = {}
         self.detached: dict[str, dict[str, torch.Tensor]] = {}  # modules_to_save the model lacks (heads)
@@ -263,7 +266,8 @@ class LoraModel:
             layer.snapshot_pristine(self.pristine_device)
         # The cheap bound clears almost every layer; only layers it cannot clear get the full check.
         for path, layer in layers.items():
-            if name in layer.scaling and layer.may_overflow(name) and not layer.merged_candidate_is_finite(name):
+            if (name in layer.scaling and layer.may_overflow(name)
+                    and not layer.merged_candidate_is_finite(name, fused=self.fused_merges)):
                 raise MergeError(f"merging {name!r} would make {path}.weight non-finite; nothing was changed",
                                  key=path)
         targeted = [layer for layer in layers.values() if name in layer.scaling]
@@ -271,7 +275,7 @@ class LoraModel:
             if name not in layer.scaling and layer.merged_adapter is not None:
                 layer.merge(None)  # a layer the new adapter does not touch goes back to W0
         # One pass from W0 per layer, all layers in one call: a switch needs no separate unmerge.
-        write_merged([layer.merge_job(name) for layer in targeted])
+        write_merged([layer.merge_job(name) for layer in targeted], fused=self.fused_merges)
         for layer in targeted:
             layer.mark_merged(name)
         self.merged_adapter = name

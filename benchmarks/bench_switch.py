@@ -7,7 +7,8 @@ library loads the very same files into a copy of the same base. Then, interleave
   copy      w.copy_(src) over every targeted weight: the floor any exact switch must pay
   switch    ours: with X merged, LoraModel.merge("y") (X restored and Y merged: one pass per layer from the
             pristine copy, all layers in one call of the fused kernel), then merge("x") and so on; one sample each
-  addmm     the same switch with the fused kernel turned off: one torch.addmm per layer (copy + GEMM pass)
+  addmm     the same switch with the fused kernel turned off (LoraModel.fused_merges = False): one torch.addmm per
+            layer (copy + GEMM pass)
   peft      PEFT's merge_adapter() followed by unmerge_adapter() on adapter X (one sample per pair)
 
 Targets: switch <= 2x copy, and PEFT >= 5x switch. Also reported: PEFT / copy, the ceiling of PEFT / switch for
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters import LoraModel, load_peft_dir  # noqa: E402
-from adapters.merge_kernel import kernel_name, use_fused_kernel  # noqa: E402
+from adapters.merge_kernel import kernel_name  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     build_gpt2_small,
     interleaved_times,
@@ -116,8 +117,11 @@ def bench_model(name: str, build, args) -> dict:
         lm.merge(state["merged"])
 
     def switch_addmm() -> None:
-        with use_fused_kernel(False):
+        lm.fused_merges = False
+        try:
             switch()
+        finally:
+            lm.fused_merges = True
 
     def peft_merge_unmerge() -> None:
         pm.merge_adapter()

@@ -77,7 +77,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                        settings.task)
         log.info("base model %s: task %s, %s parameters, %.1f MB %s on %s; merges run on %s", base.model_id,
                  base.task, f"{base.num_parameters:,}", base.nbytes / 1e6, settings.dtype, base.device,
-                 kernel_name(base.device, base.dtype))
+                 kernel_name(base.device, base.dtype, fused=settings.merge_kernel == "auto"))
         engine = Engine(base, settings, store, app.state.metrics)
         await engine.start()
         app.state.store, app.state.base, app.state.engine = store, base, engine

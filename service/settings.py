@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     """Longest a request waits for others to share its batch, in milliseconds."""
     merge_policy: Literal["never", "always", "auto"] = "auto"
     """never: always unmerged; always: merge each batch's adapter; auto: merge when one adapter dominates."""
+    merge_kernel: Literal["auto", "addmm"] = "auto"
+    """auto: CPU float32 merges run on the one-pass C kernel where it was built; addmm: always torch.addmm."""
 
     # ---------------------------------------------------------------- validation
     @field_validator("admin_keys", "inference_keys", mode="before")
@@ -105,7 +107,7 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("log_level", "dtype", "merge_policy", "task", "device", mode="before")
+    @field_validator("log_level", "dtype", "merge_policy", "merge_kernel", "task", "device", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

@@ -52,7 +52,7 @@ class Engine(LoopThread):
     def __init__(self, base: LoadedBase, settings: Any, store: Any, metrics: Any = None) -> None:
         self.base, self.settings, self.store, self.metrics = base, settings, store, metrics
         self.index = model_index(base.model)  # the bare base's tree, for validation in any thread
-        self.lm = LoraModel(base.model, max_rank=settings.max_rank)
+        self.lm = LoraModel(base.model, max_rank=settings.max_rank, fused_merges=settings.merge_kernel == "auto")
         self.lock = threading.RLock()
         self.tiers = AdapterTiers(self.lm, base, settings, store, self.validate, self._count)
         self.host_cache, self.resident = self.tiers.host, self.tiers.resident  # read by state() and the tests
@@ -195,7 +195,7 @@ class Engine(LoopThread):
                     "host_cached_adapters": self.host_cache.names(),
                     "host_cache_bytes": self.host_cache.nbytes,
                     "pristine_bytes": self.lm.pristine_nbytes(),
-                    "merge_kernel": kernel_name(self.base.device, self.base.dtype),
+                    "merge_kernel": kernel_name(self.base.device, self.base.dtype, fused=self.lm.fused_merges),
                     "fingerprint": fingerprint(self.base.model, pristine=False) if fingerprints else None,
                     "pristine_fingerprint": fingerprint(self.base.model, pristine=True) if fingerprints else None,
                 }

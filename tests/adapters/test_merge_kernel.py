@@ -10,7 +10,6 @@ from adapters.merge_kernel import (
     MAX_FUSED_RANK,
     fused_kernel_available,
     kernel_name,
-    use_fused_kernel,
     write_merged,
 )
 from tests.adapters.lora_fixtures import make_gpt2, random_weights
@@ -51,9 +50,8 @@ def test_fused_matches_the_formula(rows, cols, rank):
     write_merged([(out, w0, left, right, s)])
     torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=1e-5, atol=1e-5)
     assert torch.equal(w0, w0_before), "W0 is only read"
-    with use_fused_kernel(False):
-        by_addmm = torch.empty_like(out)
-        write_merged([(by_addmm, w0, left, right, s)])
+    by_addmm = torch.empty_like(out)
+    write_merged([(by_addmm, w0, left, right, s)], fused=False)
     torch.testing.assert_close(out, by_addmm, rtol=1e-6, atol=1e-5)
 
 
@@ -110,9 +108,8 @@ def test_a_fused_write_moves_the_version_counter_like_an_inplace_op():
     assert out._version > before
 
 
-def test_use_fused_kernel_switches_the_reported_kernel():
-    with use_fused_kernel(False):
-        assert kernel_name("cpu", torch.float32) == "addmm"
+def test_the_reported_kernel_follows_the_choice_device_and_dtype():
+    assert kernel_name("cpu", torch.float32, fused=False) == "addmm"
     assert kernel_name("cpu", torch.float64) == "addmm"
     assert kernel_name("cuda", torch.float32) == "addmm"
 
@@ -125,17 +122,50 @@ def test_switches_on_gpt2_agree_with_addmm_and_restore_bit_for_bit():
     for merge_with_kernel in (True, False):
         model = make_gpt2(seed=0)
         original = {n: p.detach().clone() for n, p in model.named_parameters()}
-        lm = LoraModel(model)
+        lm = LoraModel(model, fused_merges=merge_with_kernel)
         for i, name in enumerate(("x", "y")):
             lm.add_adapter(name, random_weights(model, seed=10 + i, r=4, target_modules="all-linear"))
-        with use_fused_kernel(merge_with_kernel):
-            for step in range(6):
-                lm.merge("xy"[step % 2])
-            weights[merge_with_kernel] = {p: w.detach().clone() for p, w in lm.merge_target_weights().items()}
-            lm.unmerge()
+        for step in range(6):
+            lm.merge("xy"[step % 2])
+        weights[merge_with_kernel] = {p: w.detach().clone() for p, w in lm.merge_target_weights().items()}
+        lm.unmerge()
         for n, p in lm.model.named_parameters():
             key = n.replace(".base_layer", "")
             if key in original:
                 assert torch.equal(p, original[key]), n
     for path, w in weights[True].items():
         torch.testing.assert_close(w, weights[False][path], rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_an_output_overlapping_an_input_is_refused_like_addmm_does():
+    """The kernel reads W0 while it writes: an overlapping pair would come out silently wrong, so it goes to
+    addmm instead, which refuses it."""
+    buffer = torch.randn(65, 64)
+    out, w0 = buffer[1:], buffer[:-1]  # shifted by one row: they share 63 rows
+    left, right = torch.randn(64, 4), torch.randn(4, 64)
+    with pytest.raises(RuntimeError, match="memory location"):
+        write_merged([(out, w0, left, right, 0.5)])
+
+
+@needs_kernel
+def test_negative_views_are_resolved_before_the_kernel_reads_them():
+    out, w0, left, right, s = _job(40, 48, 4)
+    write_merged([(out, w0, torch._neg_view(left), right, s)])
+    torch.testing.assert_close(out.double(), _reference(w0, -left, right, s), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_an_empty_job_beside_real_ones_is_skipped_by_the_kernel():
+    """Called directly (write_merged never sends one): a job with no columns must not divide by zero."""
+    import ctypes
+
+    from adapters import merge_kernel
+
+    out, w0, left, right, s = _job(64, 640, 4)
+    empty = merge_kernel._Job(0, 0, 0, 0, 3, 0, 4, 1.0)
+    real = merge_kernel._Job(out.data_ptr(), w0.data_ptr(), left.data_ptr(), right.data_ptr(), 64, 640, 4, s)
+    table = (merge_kernel._Job * 2)(empty, real)
+    merge_kernel._LIB.lora_fused_merge(table, 2, ctypes.c_int64(2))
+    torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=1e-5, atol=1e-5)
+    write_merged([(torch.empty(0, 5), torch.empty(0, 5), torch.empty(0, 2), torch.empty(2, 5), 1.0)])  # addmm: fine

@@ -218,3 +218,28 @@ def test_overwriting_a_pinned_merged_adapter_keeps_it_merged_in_its_new_version(
     finally:
         bert_client.post("/v1/unmerge")
     assert bert_client.get("/v1/state").json()["fingerprint"] == old["pristine_fingerprint"]
+
+
+def test_merge_kernel_addmm_setting_merges_through_addmm_with_the_same_result(model_dirs, tmp_path, bert_client,
+                                                                              unique: str):
+    """--merge-kernel addmm (the escape hatch from the C kernel): reported in /v1/state, and a merge through it
+    gives the same embeddings as the default app's fused merge (to rounding) and unmerges to the same weights."""
+    from http_testkit import ADMIN_KEY, bearer, make_settings
+
+    from service.app import create_app
+
+    weights = make_adapter(BERT_TARGETS, seed=21)
+    settings = make_settings(model_dirs["bert"], tmp_path / "store", merge_kernel="ADDMM")  # case-insensitive
+    with TestClient(create_app(settings), headers=bearer(ADMIN_KEY)) as client:
+        assert client.get("/v1/state").json()["merge_kernel"] == "addmm"
+        _upload(client, unique, weights)
+        pristine = client.get("/v1/state").json()["fingerprint"]
+        assert client.post(f"/v1/adapters/{unique}/merge").status_code == 200
+        by_addmm = _embed(client, unique)
+        assert client.post("/v1/unmerge").json()["fingerprint"] == pristine
+    _upload(bert_client, unique, weights)
+    assert bert_client.post(f"/v1/adapters/{unique}/merge").status_code == 200
+    try:
+        torch.testing.assert_close(_embed(bert_client, unique), by_addmm, atol=1e-5, rtol=1e-4)
+    finally:
+        assert bert_client.post("/v1/unmerge").status_code == 200
