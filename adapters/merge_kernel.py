@@ -102,22 +102,22 @@ def write_merged(jobs: list[MergeJob], *, fused: bool = True) -> None:
     threads split all of them by elements); the rest, or all with fused=False, run torch.addmm one by one, each
     bringing its W0 to the output's device only for its own turn (W0 may be kept on the host: one layer's copy
     at a time)."""
-    fused: list[tuple[torch.Tensor, ...]] = []
+    batch: list[tuple[torch.Tensor, ...]] = []  # the jobs for the kernel
     for out, w0, left, right, scale in jobs:
         if fused and _LIB is not None and _fusable(out, w0, left, right):
-            # left/right are (r, ·) or (·, r): a row-major copy is a few kB, and `fused` keeps it alive.
+            # left/right are (r, ·) or (·, r): a row-major copy is a few kB, and `batch` keeps it alive.
             left, right = left.resolve_neg().contiguous(), right.resolve_neg().contiguous()
             if not (_overlaps(out, w0) or _overlaps(out, left) or _overlaps(out, right)):
-                fused.append((out, w0, left, right, scale))
+                batch.append((out, w0, left, right, scale))
                 continue
         w0 = w0 if w0.device == out.device else w0.to(out.device, non_blocking=True)
         torch.addmm(w0, left, right, alpha=scale, out=out)  # (rows, r) @ (r, cols) -> (rows, cols)
-    if not fused:
+    if not batch:
         return
-    table = (_Job * len(fused))(*[
+    table = (_Job * len(batch))(*[
         _Job(out.data_ptr(), w0.data_ptr(), left.data_ptr(), right.data_ptr(), out.shape[0], out.shape[1],
-             left.shape[1], float(scale)) for out, w0, left, right, scale in fused])
-    _LIB.lora_fused_merge(table, len(fused), torch.get_num_threads())  # ctypes releases the GIL meanwhile
-    for out, *_ in fused:
+             left.shape[1], float(scale)) for out, w0, left, right, scale in batch])
+    _LIB.lora_fused_merge(table, len(batch), torch.get_num_threads())  # ctypes releases the GIL meanwhile
+    for out, *_ in batch:
         if not out.is_inference():
             torch.autograd.graph.increment_version(out)  # written behind autograd's back: say so, as in-place ops do

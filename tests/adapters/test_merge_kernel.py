@@ -17,6 +17,24 @@ from tests.adapters.lora_fixtures import make_gpt2, random_weights
 needs_kernel = pytest.mark.skipif(not fused_kernel_available(), reason="kernel not built (see test_kernel_is_built)")
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[int]:
+    """The number of jobs in each call that reached the compiled kernel (the real kernel still runs): a result
+    that addmm computed instead would pass every value check, so the tests that mean the kernel say so."""
+    from adapters import merge_kernel
+
+    calls: list[int] = []
+    real = merge_kernel._LIB
+
+    class Counting:
+        def lora_fused_merge(self, table, n_jobs, n_threads):
+            calls.append(n_jobs)
+            real.lora_fused_merge(table, n_jobs, n_threads)
+
+    monkeypatch.setattr(merge_kernel, "_LIB", Counting())
+    return calls
+
+
 def _job(rows: int, cols: int, rank: int, seed: int = 0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(rows, cols, generator=g).to(dtype)
@@ -44,21 +62,24 @@ def test_kernel_is_built():
     (300, 17, 32),     # the largest fused rank; 16 + 1 columns
     (2049, 96, 16),    # more than one thread's worth of rows
 ])
-def test_fused_matches_the_formula(rows, cols, rank):
+def test_fused_matches_the_formula(rows, cols, rank, kernel_calls):
     out, w0, left, right, s = _job(rows, cols, rank)
     w0_before = w0.clone()
     write_merged([(out, w0, left, right, s)])
+    assert kernel_calls == [1], "the job must reach the kernel"
     torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=1e-5, atol=1e-5)
     assert torch.equal(w0, w0_before), "W0 is only read"
     by_addmm = torch.empty_like(out)
     write_merged([(by_addmm, w0, left, right, s)], fused=False)
+    assert kernel_calls == [1], "fused=False must not reach the kernel"
     torch.testing.assert_close(out, by_addmm, rtol=1e-6, atol=1e-5)
 
 
 @needs_kernel
-def test_one_call_for_many_jobs_writes_each_exactly_as_alone():
+def test_one_call_for_many_jobs_writes_each_exactly_as_alone(kernel_calls):
     jobs = [_job(r, c, k, seed=i) for i, (r, c, k) in enumerate([(64, 640, 8), (1536, 384, 8), (5, 3, 2)])]
     write_merged(jobs)
+    assert kernel_calls == [3]
     for out, w0, left, right, s in jobs:
         alone = torch.empty_like(out)
         write_merged([(alone, w0, left, right, s)])
@@ -81,31 +102,40 @@ def test_result_does_not_depend_on_the_number_of_threads():
 
 
 @needs_kernel
-def test_transposed_factors_are_made_contiguous_first():
+def test_transposed_factors_are_made_contiguous_first(kernel_calls):
     """GPT-2's Conv1D passes Aᵀ and Bᵀ: views, not contiguous; the kernel reads them as row-major copies."""
     out, w0, left, right, s = _job(96, 80, 4)
     write_merged([(out, w0, left.T.contiguous().T, right.T.contiguous().T, s)])
+    assert kernel_calls == [1]
     torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["float64", "bfloat16", "rank_too_large", "strided_out"])
-def test_what_the_kernel_does_not_take_still_merges_through_addmm(case):
+def test_what_the_kernel_does_not_take_still_merges_through_addmm(case, monkeypatch):
     dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
     rank = MAX_FUSED_RANK + 1 if case == "rank_too_large" else 4
     out, w0, left, right, s = _job(48, 40, rank, dtype=dtype)
     if case == "strided_out":
         out = torch.empty(40, 48).T  # (48, 40), not contiguous
+    from adapters import merge_kernel
+
+    monkeypatch.setattr(merge_kernel, "_LIB", None if merge_kernel._LIB is None else _Refusing())
     write_merged([(out, w0, left, right, s)])
     tol = 0.05 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=tol, atol=tol)
 
 
+class _Refusing:
+    def lora_fused_merge(self, *args):
+        raise AssertionError("this job must not reach the kernel")
+
+
 @needs_kernel
-def test_a_fused_write_moves_the_version_counter_like_an_inplace_op():
+def test_a_fused_write_moves_the_version_counter_like_an_inplace_op(kernel_calls):
     out, w0, left, right, s = _job(32, 64, 4)
     before = out._version
     write_merged([(out, w0, left, right, s)])
-    assert out._version > before
+    assert kernel_calls == [1] and out._version > before
 
 
 def test_the_reported_kernel_follows_the_choice_device_and_dtype():
@@ -115,10 +145,10 @@ def test_the_reported_kernel_follows_the_choice_device_and_dtype():
 
 
 @needs_kernel
-def test_switches_on_gpt2_agree_with_addmm_and_restore_bit_for_bit():
+def test_switches_on_gpt2_agree_with_addmm_and_restore_bit_for_bit(kernel_calls):
     """Conv1D layers (fan_in_fan_out), all-linear: the fused switch gives addmm's weights (to the last bits) and
     unmerging after many switches still gives W0 exactly."""
-    weights = {}
+    weights, calls_by_mode = {}, {}
     for merge_with_kernel in (True, False):
         model = make_gpt2(seed=0)
         original = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -128,11 +158,15 @@ def test_switches_on_gpt2_agree_with_addmm_and_restore_bit_for_bit():
         for step in range(6):
             lm.merge("xy"[step % 2])
         weights[merge_with_kernel] = {p: w.detach().clone() for p, w in lm.merge_target_weights().items()}
+        calls_by_mode[merge_with_kernel] = list(kernel_calls)
+        kernel_calls.clear()
         lm.unmerge()
         for n, p in lm.model.named_parameters():
             key = n.replace(".base_layer", "")
             if key in original:
                 assert torch.equal(p, original[key]), n
+    # Six switches with the kernel, each one call for every targeted layer; none with fused_merges=False.
+    assert calls_by_mode == {True: [len(weights[True])] * 6, False: []}
     for path, w in weights[True].items():
         torch.testing.assert_close(w, weights[False][path], rtol=1e-6, atol=1e-6)
 
