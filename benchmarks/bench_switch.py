@@ -16,7 +16,10 @@ any exact switch (an exact switch must read W0 and write every targeted weight, 
 Also checked, not timed: merged outputs agree with PEFT's, and after all switches unmerge gives the base weights
 back bit for bit (PEFT's drift is shown).
 
-Usage: python benchmarks/bench_switch.py [--models minilm,gpt2] [--device cpu|cuda] [--out switch.json]
+With --after-forward, every sample follows an untimed forward pass (8 x 128 tokens) of the model it works on, as
+a switch between serving batches would: the caches then hold activations, not the weights.
+
+Usage: python benchmarks/bench_switch.py [--models minilm,gpt2] [--device cpu|cuda] [--after-forward] [--out F]
 """
 
 from __future__ import annotations
@@ -131,7 +134,17 @@ def bench_model(name: str, build, args) -> dict:
         warnings.simplefilter("ignore")
         fns = {"copy": copy_all, "switch": switch, "addmm": switch_addmm, "peft": peft_merge_unmerge}
         runs = {"copy": args.runs, "switch": args.runs, "addmm": args.runs, "peft": args.peft_runs}
-        times = interleaved_times(fns, runs, args.device, clock=args.clock)
+        before = None
+        if args.after_forward:  # a forward pass of the model each contender works on, untimed, before each sample
+            batch = {"input_ids": torch.randint(0, base.config.vocab_size, (8, 128),
+                                                generator=torch.Generator().manual_seed(1)).to(args.device)}
+            models = {"copy": ours_model, "switch": ours_model, "addmm": ours_model, "peft": pm}
+
+            def before(name: str) -> None:
+                with torch.inference_mode():
+                    models[name](**batch)
+
+        times = interleaved_times(fns, runs, args.device, clock=args.clock, before=before)
     if state["merged"] != "x":
         lm.merge("x")
     lm.unmerge()
@@ -168,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall: elapsed time; cpu: process CPU time, robust on a busy machine (use --threads 1)")
+    parser.add_argument("--after-forward", action="store_true",
+                        help="run an untimed forward pass (8 x 128 tokens) before every sample, as between "
+                             "serving batches: the switch then meets cold caches")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{m['cpu']}, nproc {m['nproc']}, torch threads {m['torch_threads']}, device {args.device}, "
           f"{args.dtype}, targets {args.targets}, rank {args.rank}, load avg {m['load_average_1m']}"
           f"->{m['load_average_1m_end']}; {args.clock} clock, medians of {args.runs} (PEFT: {args.peft_runs}) "
-          "interleaved runs\n")
+          f"interleaved runs{', each after a forward pass' if args.after_forward else ''}\n")
     print(markdown_table(
         ["model", "targeted", "kernel", "copy ms", "switch ms", "switch/copy (<=2x)", "addmm switch/copy",
          "PEFT merge+unmerge ms",

@@ -54,13 +54,17 @@ def sync(device: str | torch.device) -> None:
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], runs: dict[str, int] | int, device: str = "cpu",
-                      warmup: int = 1, clock: str = "wall") -> dict[str, list[float]]:
+                      warmup: int = 1, clock: str = "wall",
+                      before: Callable[[str], object] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function, sampled round-robin. `runs` may differ per function (a slow
     reference gets fewer samples); it then takes part in the first rounds only.
 
     clock="wall" is what a caller waits. clock="cpu" is the process's CPU time: on a shared machine it
     leaves out the time the process spent descheduled, so with one torch thread it shows what the work
-    itself costs (with more threads it would count their spin-waiting)."""
+    itself costs (with more threads it would count their spin-waiting).
+
+    `before(name)`, when given, runs ahead of every sample of `name`, untimed (e.g. a forward pass, so that
+    the timed call meets the caches a serving engine leaves)."""
     now = time.perf_counter if clock == "wall" else time.process_time
     counts = runs if isinstance(runs, dict) else dict.fromkeys(fns, runs)
     for _ in range(warmup):
@@ -72,6 +76,8 @@ def interleaved_times(fns: dict[str, Callable[[], object]], runs: dict[str, int]
         for name, fn in fns.items():
             if i >= counts[name]:
                 continue
+            if before is not None:
+                before(name)
             sync(device)
             start = now()
             fn()
