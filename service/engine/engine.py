@@ -37,8 +37,8 @@ from service.engine.requests import (
     EmbedResult,
     WorkItem,
 )
-from service.engine.runner import encode, render_chat
 from service.engine.tiers import AdapterTiers
+from service.engine.tokenizing import TokenizerPool, default_pool_size, encode, render_chat
 
 __all__ = ["Engine"]
 
@@ -62,7 +62,7 @@ class Engine(LoopThread):
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._loads: dict[str, asyncio.Future] = {}
-        self._tokenizer_lock = threading.Lock()
+        self.tokenizers = TokenizerPool(base.tokenizer, default_pool_size())  # for handler threads only
         self.decoder = Decoder(self.lm, base) if base.task == "generate" else None
         self._waiting: list[WorkItem] = []  # generation requests that cannot join the running decode
         self.ready = False
@@ -226,13 +226,13 @@ class Engine(LoopThread):
 
     def _encode(self, kind: str, payload: Any) -> list[list[int]]:
         """Worker thread: token ids of the texts, or of the prompt (checked against the context)."""
-        with self._tokenizer_lock:  # concurrent handlers: one call into the fast tokenizer at a time
+        with self.tokenizers.borrow() as tokenizer:  # its own copy: concurrent handlers tokenize in parallel
             if kind != "generate":
-                return encode(self.base, payload, truncate=True)
+                return encode(self.base, tokenizer, payload, truncate=True)
             if payload.messages is not None:
-                ids = render_chat(self.base, payload.messages)
+                ids = render_chat(self.base, tokenizer, payload.messages)
             else:
-                (ids,) = encode(self.base, [payload.prompt], truncate=False)
+                (ids,) = encode(self.base, tokenizer, [payload.prompt], truncate=False)
         check_prompt(self.base, payload, len(ids))
         return [ids]
 

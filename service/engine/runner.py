@@ -11,13 +11,12 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from jinja2 import TemplateSyntaxError
 
 from adapters import LoraModel
 from service.base_model import LoadedBase
-from service.engine.errors import BadRequestError, EngineError
+from service.engine.errors import BadRequestError
 
-__all__ = ["routing", "encode", "render_chat", "collate", "embed_rows", "classify_rows", "check_classify"]
+__all__ = ["routing", "collate", "embed_rows", "classify_rows", "check_classify"]
 
 
 def routing(lm: LoraModel, names: list[str | None]):
@@ -27,33 +26,6 @@ def routing(lm: LoraModel, names: list[str | None]):
         lm.set_adapter(next(iter(unique)))
         return nullcontext()
     return lm.route(names)
-
-
-def encode(base: LoadedBase, texts: list[str], *, truncate: bool) -> list[list[int]]:
-    """Token ids per text (cut to the model's context when `truncate`). The engine calls this from worker
-    threads, before queueing, so a long text never holds up the loop thread; always with the same settings,
-    so the fast tokenizer's state is never changed under a concurrent call."""
-    kwargs = {"truncation": True, "max_length": base.max_length} if truncate else {}
-    return base.tokenizer(texts, **kwargs)["input_ids"]
-
-
-def render_chat(base: LoadedBase, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a chat, rendered by the tokenizer's own chat template with the assistant's turn opened
-    (tokenized by the template itself, so special tokens it writes are not added twice)."""
-    tok = base.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise BadRequestError(f"the base model {base.model_id!r} has no chat template (tokenizer_config.json "
-                              "`chat_template`): use /v1/completions with the prompt format it was trained on")
-    try:
-        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    except TemplateSyntaxError as exc:  # the model's files are broken, not the request
-        raise EngineError(f"the base model's chat template does not compile ({exc}); fix its chat_template "
-                          "or use /v1/completions") from exc
-    except Exception as exc:  # noqa: BLE001 - a template may refuse a conversation (roles out of order...)
-        raise BadRequestError(f"the chat template refused these messages: {exc}") from exc
-    if not isinstance(ids, list):  # transformers 5 answers a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def collate(base: LoadedBase, ids: list[list[int]], side: str | None = None) -> dict[str, torch.Tensor]:

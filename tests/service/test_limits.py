@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -52,16 +53,26 @@ class _Watching:
 
 
 def test_the_loop_thread_never_tokenizes(bert_client: TestClient, gpt2_client: TestClient):
-    """Tokenizing happens in the handlers' worker threads: a long text never stalls other requests' batches."""
+    """Tokenizing happens in the handlers' worker threads, on tokenizers borrowed from the engine's pool: a
+    long text never stalls other requests' batches."""
     for client, request in ((bert_client, ("/v1/embeddings", {"model": "base", "input": ["one", "two"]})),
                             (gpt2_client, ("/v1/completions", {"model": "base", "prompt": "hi", "max_tokens": 3}))):
-        base = client.app.state.base
-        watching = base.tokenizer = _Watching(base.tokenizer)
+        pool = client.app.state.engine.tokenizers
+        real_borrow, watched = pool.borrow, []
+
+        @contextlib.contextmanager
+        def borrow_watched(real_borrow=real_borrow, watched=watched):
+            with real_borrow() as tokenizer:
+                watched.append(_Watching(tokenizer))
+                yield watched[-1]
+
+        pool.borrow = borrow_watched
         try:
             assert client.post(request[0], json=request[1]).status_code == 200
         finally:
-            base.tokenizer = watching.real
-        assert watching.threads and "lora-engine" not in watching.threads
+            del pool.borrow  # back to the class's method
+        threads = [name for w in watched for name in w.threads]
+        assert threads and "lora-engine" not in threads
 
 
 def test_a_body_that_is_not_utf8_or_nests_too_deep_is_the_same_422_as_any_non_json(bert_client: TestClient):

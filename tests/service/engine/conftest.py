@@ -78,8 +78,8 @@ class DictStore:
 
 
 def settings(**overrides) -> SimpleNamespace:
-    base = dict(max_rank=64, host_cache_bytes=1 << 26, merge_policy="never", device_cache_adapters=16,
-                device_cache_bytes=1 << 26, max_batch_size=32, max_wait_ms=20)
+    base = dict(max_rank=64, host_cache_bytes=1 << 26, merge_policy="never", merge_kernel="auto",
+                device_cache_adapters=16, device_cache_bytes=1 << 26, max_batch_size=32, max_wait_ms=20)
     base.update(overrides)
     return SimpleNamespace(**base)
 
