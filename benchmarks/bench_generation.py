@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base_model(str(build_model(Path(tmp))), args.device, "float32")
-    settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", device_cache_adapters=8,
-                               device_cache_bytes=1 << 28, max_batch_size=args.max_batch_size, max_wait_ms=5.0)
+    settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
+                               device_cache_adapters=8, device_cache_bytes=1 << 28,
+                               max_batch_size=args.max_batch_size, max_wait_ms=5.0)
     engine = Engine(base, settings, MemoryStore(base.model, 4))
     work = workload(args.requests, args.mean_gap_ms)
     splice = decoding_module._kv_layers

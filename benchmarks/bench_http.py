@@ -103,8 +103,9 @@ async def drive_http(port: int, work: list[tuple[str, str]]) -> dict:
 
 
 async def drive_in_process(store_dir: Path, work: list[tuple[str, str]]) -> dict:
-    settings = SimpleNamespace(max_rank=64, host_cache_bytes=512 << 20, merge_policy="never", device_cache_adapters=32,
-                               device_cache_bytes=256 << 20, max_batch_size=32, max_wait_ms=5.0)
+    settings = SimpleNamespace(max_rank=64, host_cache_bytes=512 << 20, merge_policy="never", merge_kernel="auto",
+                               device_cache_adapters=32, device_cache_bytes=256 << 20,
+                               max_batch_size=32, max_wait_ms=5.0)
     store = AdapterStore(store_dir)
     engine = Engine(load_base_model(None, "cpu", "float32"), settings, store)
     await engine.start()

@@ -119,8 +119,8 @@ def bench_cold_load(base_dir: str | None, device: str, runs: int) -> dict:
     pm.save_pretrained(work / "peft")
     store = AdapterStore(work / "store")
     store.put("cold", A.load_peft_dir(work / "peft"))
-    settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", device_cache_adapters=8,
-                               device_cache_bytes=1 << 28, max_batch_size=32, max_wait_ms=5)
+    settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
+                               device_cache_adapters=8, device_cache_bytes=1 << 28, max_batch_size=32, max_wait_ms=5)
     engine = Engine(loaded, settings, store)
     peft_host = PeftModel.from_pretrained(copy.deepcopy(loaded.model), work / "peft", adapter_name="warm")
 
