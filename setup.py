@@ -8,7 +8,7 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension(
     "adapters._fused_merge",
     sources=["adapters/_fused_merge.c"],
-    extra_compile_args=["-O3", "-fopenmp"],
+    extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi"],  # psabi: 64-byte vectors between inlined helpers
     extra_link_args=["-fopenmp"],
     optional=True,
 )])

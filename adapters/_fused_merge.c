@@ -10,85 +10,131 @@
  * first, so the dynamic loader binds this library to torch's OpenMP runtime: the same (already warm) worker
  * threads run both, instead of two pools spinning against each other on the same cores.
  *
- * Layout: every tensor row-major and contiguous, float32.
+ * Layout: every tensor row-major and contiguous; out and w0 float32 or bfloat16 (`dtype`), the factors always
+ * float32 (for bfloat16 weights the caller widens the small factors once, so the inner loop never converts).
  *   out, w0  (rows, cols)    left (rows, rank)    right (rank, cols)
  * Each element is computed the same way whatever the thread split (acc = sum_k left[i,k] * right[k,j] in k order,
- * then w0 + s * acc), so a result never depends on the number of threads.
+ * in float32, then w0 + s * acc, rounded once to the output's dtype, to nearest even for bfloat16), so a result
+ * never depends on the number of threads.
  */
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
+
 typedef struct {
-    float *out;
-    const float *w0;
-    const float *left;
-    const float *right;
+    void *out;
+    const void *w0;
+    const void *left;
+    const void *right;
     int64_t rows, cols, rank;
     double scale;
+    int64_t dtype; /* DTYPE_* */
 } merge_job;
 
 /* 16 floats: one AVX-512 register, two AVX2 ones, four SSE ones (GCC splits it for narrower targets).
- * aligned(4): rows of W need not start on a 64-byte boundary. */
+ * aligned(4) / aligned(2): rows of W need not start on a 64-byte boundary. */
 typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t vu32 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t vh16 __attribute__((vector_size(32), aligned(2)));
 
-/* merge_rows body for `blocks` accumulators of 16 columns, held in registers across the k loop. More blocks hide
- * the FMA latency better but need more registers: 8 (128 columns) fit AVX-512's 32, 4 fit AVX2's 16. */
-#define MERGE_ROWS_BODY(blocks)                                                                          \
+/* Element access, float32: plain loads and stores. */
+#define F32_LOADV(p) (*(const vf16 *)(p))
+#define F32_STOREV(p, v) (*(vf16 *)(p) = (v))
+#define F32_LOAD(p) (*(p))
+#define F32_STORE(p, x) (*(p) = (x))
+
+/* bfloat16 is the top half of a float32: widening is a shift; narrowing rounds to nearest even, and a NaN stays
+ * a (quiet) NaN instead of rounding into infinity. */
+static inline __attribute__((always_inline)) vf16 bf16_loadv(const uint16_t *p) {
+    return (vf16)(__builtin_convertvector(*(const vh16 *)p, vu32) << 16);
+}
+static inline __attribute__((always_inline)) void bf16_storev(uint16_t *p, vf16 f) {
+    const vu32 bits = (vu32)f;
+    const vu32 rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const vu32 nan = (vu32)(f != f); /* all ones where f is NaN */
+    *(vh16 *)p = __builtin_convertvector((rounded & ~nan) | (((bits >> 16) | 0x40u) & nan), vh16);
+}
+static inline __attribute__((always_inline)) float bf16_load(const uint16_t *p) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)*p << 16};
+    return v.f;
+}
+static inline __attribute__((always_inline)) void bf16_store(uint16_t *p, float x) {
+    union { float f; uint32_t u; } v = {.f = x};
+    *p = x != x ? (uint16_t)((v.u >> 16) | 0x40u) : (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* merge_rows body for `blocks` accumulators of 16 columns, held in registers across the k loop (float32 whatever
+ * the weights' storage type T, read and written through LOADV/STOREV/LOAD/STORE). More blocks hide the FMA
+ * latency better but need more registers: 8 (128 columns) fit AVX-512's 32, 4 fit AVX2's 16. */
+#define MERGE_ROWS_BODY(blocks, T, LOADV, STOREV, LOAD, STORE)                                          \
     const int64_t cols = job->cols, rank = job->rank;                                                    \
     const float s = (float)job->scale;                                                                   \
+    const float *left = job->left, *right = job->right;                                                  \
     for (int64_t i = first_row; i < stop_row; i++) {                                                     \
-        const float *l = job->left + i * rank; /* (rank,) */                                             \
-        const float *w0 = job->w0 + i * cols;  /* (cols,) */                                             \
-        float *out = job->out + i * cols;      /* (cols,) */                                             \
+        const float *l = left + i * rank;                    /* (rank,) */                               \
+        const T *w0 = (const T *)job->w0 + i * cols;         /* (cols,) */                               \
+        T *out = (T *)job->out + i * cols;                   /* (cols,) */                               \
         int64_t j = 0;                                                                                   \
         for (; j + 16 * (blocks) <= cols; j += 16 * (blocks)) {                                          \
             vf16 acc[blocks];                                                                            \
             for (int v = 0; v < (blocks); v++) acc[v] = (vf16){0};                                       \
             for (int64_t k = 0; k < rank; k++) { /* acc (16 * blocks,) += l[k] * right[k, j:...] */      \
-                const vf16 *r = (const vf16 *)(job->right + k * cols + j);                               \
+                const vf16 *r = (const vf16 *)(right + k * cols + j);                                    \
                 for (int v = 0; v < (blocks); v++) acc[v] += l[k] * r[v];                                \
             }                                                                                            \
-            const vf16 *w = (const vf16 *)(w0 + j);                                                      \
-            vf16 *o = (vf16 *)(out + j);                                                                 \
-            for (int v = 0; v < (blocks); v++) o[v] = w[v] + s * acc[v];                                 \
+            for (int v = 0; v < (blocks); v++) STOREV(out + j + 16 * v, LOADV(w0 + j + 16 * v) + s * acc[v]); \
         }                                                                                                \
         for (; j + 16 <= cols; j += 16) {                                                                \
             vf16 acc = (vf16){0};                                                                        \
-            for (int64_t k = 0; k < rank; k++) acc += l[k] * *(const vf16 *)(job->right + k * cols + j); \
-            *(vf16 *)(out + j) = *(const vf16 *)(w0 + j) + s * acc;                                      \
+            for (int64_t k = 0; k < rank; k++) acc += l[k] * *(const vf16 *)(right + k * cols + j);      \
+            STOREV(out + j, LOADV(w0 + j) + s * acc);                                                    \
         }                                                                                                \
         for (; j < cols; j++) {                                                                          \
             float acc = 0.f;                                                                             \
-            for (int64_t k = 0; k < rank; k++) acc += l[k] * job->right[k * cols + j];                   \
-            out[j] = w0[j] + s * acc;                                                                    \
+            for (int64_t k = 0; k < rank; k++) acc += l[k] * right[k * cols + j];                        \
+            STORE(out + j, LOAD(w0 + j) + s * acc);                                                      \
         }                                                                                                \
     }
 
 typedef void (*merge_rows_fn)(const merge_job *, int64_t, int64_t);
 
-static void merge_rows_generic(const merge_job *job, int64_t first_row, int64_t stop_row) { MERGE_ROWS_BODY(4) }
+#define DEFINE_MERGE_ROWS(name, attributes, blocks)                                                      \
+    attributes static void name##_f32(const merge_job *job, int64_t first_row, int64_t stop_row) {       \
+        MERGE_ROWS_BODY(blocks, float, F32_LOADV, F32_STOREV, F32_LOAD, F32_STORE)                       \
+    }                                                                                                    \
+    attributes static void name##_bf16(const merge_job *job, int64_t first_row, int64_t stop_row) {      \
+        MERGE_ROWS_BODY(blocks, uint16_t, bf16_loadv, bf16_storev, bf16_load, bf16_store)                \
+    }
+
+DEFINE_MERGE_ROWS(merge_rows_generic, , 4)
+
+/* The kernel for this CPU, per dtype: AVX-512, else AVX2 + FMA, else whatever the compiler's baseline is. */
+typedef struct { merge_rows_fn f32, bf16; } merge_rows_table;
 
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2,fma")))
-static void merge_rows_avx2(const merge_job *job, int64_t first_row, int64_t stop_row) { MERGE_ROWS_BODY(4) }
-__attribute__((target("avx512f")))
-static void merge_rows_avx512(const merge_job *job, int64_t first_row, int64_t stop_row) { MERGE_ROWS_BODY(8) }
+DEFINE_MERGE_ROWS(merge_rows_avx2, __attribute__((target("avx2,fma"))), 4)
+DEFINE_MERGE_ROWS(merge_rows_avx512, __attribute__((target("avx512f,avx512bw"))), 8)
 
-static merge_rows_fn pick_merge_rows(void) {
+static merge_rows_table pick_merge_rows(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return merge_rows_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return merge_rows_avx2;
-    return merge_rows_generic;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+        return (merge_rows_table){merge_rows_avx512_f32, merge_rows_avx512_bf16};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return (merge_rows_table){merge_rows_avx2_f32, merge_rows_avx2_bf16};
+    return (merge_rows_table){merge_rows_generic_f32, merge_rows_generic_bf16};
 }
 #else
-static merge_rows_fn pick_merge_rows(void) { return merge_rows_generic; }
+static merge_rows_table pick_merge_rows(void) {
+    return (merge_rows_table){merge_rows_generic_f32, merge_rows_generic_bf16};
+}
 #endif
 
 /* The rows holding elements [start, stop) of the jobs laid end to end; a row goes to the span holding its first
  * element, so every row is done exactly once and the threads get equal numbers of elements, not of rows. */
-static void merge_span(merge_rows_fn merge_rows, const merge_job *jobs, int64_t n_jobs, int64_t start,
+static void merge_span(merge_rows_table kernels, const merge_job *jobs, int64_t n_jobs, int64_t start,
                        int64_t stop) {
     int64_t base = 0;
     for (int64_t n = 0; n < n_jobs; n++) {
@@ -99,19 +145,19 @@ static void merge_span(merge_rows_fn merge_rows, const merge_job *jobs, int64_t 
         lo = lo <= 0 ? 0 : (lo + cols - 1) / cols;
         hi = hi <= 0 ? 0 : (hi + cols - 1) / cols;
         if (hi > job->rows) hi = job->rows;
-        if (lo < hi) merge_rows(job, lo, hi);
+        if (lo < hi) (job->dtype == DTYPE_BFLOAT16 ? kernels.bf16 : kernels.f32)(job, lo, hi);
         base += job->rows * cols;
     }
 }
 
-int lora_fused_merge_abi(void) { return 1; } /* bumped whenever merge_job or the signature below changes */
+int lora_fused_merge_abi(void) { return 2; } /* bumped whenever merge_job or the signature below changes */
 
 void lora_fused_merge(const merge_job *jobs, int64_t n_jobs, int64_t n_threads) {
     int64_t total = 0;
     for (int64_t n = 0; n < n_jobs; n++)
         if (jobs[n].rows > 0 && jobs[n].cols > 0) total += jobs[n].rows * jobs[n].cols;
     if (n_threads < 1 || total < (1 << 15)) n_threads = 1; /* below ~128 kB a thread's wake-up costs more */
-    const merge_rows_fn merge_rows = pick_merge_rows();
+    const merge_rows_table kernels = pick_merge_rows();
 #pragma omp parallel num_threads((int)n_threads)
     {
 #ifdef _OPENMP
@@ -119,6 +165,6 @@ void lora_fused_merge(const merge_job *jobs, int64_t n_jobs, int64_t n_threads) 
 #else
         const int64_t t = 0, count = 1;
 #endif
-        merge_span(merge_rows, jobs, n_jobs, total * t / count, total * (t + 1) / count);
+        merge_span(kernels, jobs, n_jobs, total * t / count, total * (t + 1) / count);
     }
 }

@@ -8,8 +8,9 @@ over W): about 1.5-1.75 copies on CPU. The fused kernel (adapters/_fused_merge.c
 when a C compiler is present) reads each row of W0 and writes it once, the update added on the way through
 registers: about one copy, and all layers of a switch in one call on torch's own OpenMP threads.
 
-It runs for CPU float32 tensors of rank up to MAX_FUSED_RANK; everything else (CUDA, half types, larger ranks,
-no compiled kernel) takes addmm. Both compute W0 + s·(L·R) with the product accumulated in float32; they may
+It runs for CPU float32 and bfloat16 tensors of rank up to MAX_FUSED_RANK (bfloat16 widened to float32 in
+registers, the sum rounded once to nearest even); everything else (CUDA, float16, larger ranks, no compiled
+kernel) takes addmm. Both compute W0 + s·(L·R) with the product accumulated in float32; they may
 differ in the last bit, so two results that must agree (the safe-merge check's candidate and the commit) are
 both made by write_merged from the same `LoraLinear.merge_job`. A fused result does not depend on how many jobs
 share the call or on the number of threads.
@@ -32,7 +33,8 @@ MergeJob = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
 # MKL's GEMM. Measured (CPU fp32, AVX-512, all-linear MiniLM, 2 threads): about 1.1-1.2 copies at rank 8, 1.25-1.7
 # at 16 (addmm 1.75 and 1.9-2.2); at 32 the two are even, beyond it addmm's blocked GEMM is as fast or faster.
 MAX_FUSED_RANK = 32
-_ABI = 1  # lora_fused_merge_abi() of the C file this loader speaks to
+_ABI = 2  # lora_fused_merge_abi() of the C file this loader speaks to
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # DTYPE_* in the C file
 
 
 class _Job(ctypes.Structure):
@@ -40,7 +42,7 @@ class _Job(ctypes.Structure):
 
     _fields_ = [("out", ctypes.c_void_p), ("w0", ctypes.c_void_p), ("left", ctypes.c_void_p),
                 ("right", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64),
-                ("rank", ctypes.c_int64), ("scale", ctypes.c_double)]
+                ("rank", ctypes.c_int64), ("scale", ctypes.c_double), ("dtype", ctypes.c_int64)]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -72,14 +74,14 @@ def fused_kernel_available() -> bool:
 def kernel_name(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, fused: bool = True) -> str:
     """What a merge of weights on `device` in `dtype` runs on here (adapters of rank <= MAX_FUSED_RANK):
     "fused" or "addmm". `fused=False` is the caller's choice of addmm (`LoraModel(fused_merges=False)`)."""
-    on = fused and _LIB is not None and torch.device(device).type == "cpu" and dtype == torch.float32
+    on = fused and _LIB is not None and torch.device(device).type == "cpu" and dtype in _DTYPES
     return "fused" if on else "addmm"
 
 
 def _fusable(out: torch.Tensor, w0: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> bool:
     # Spelled out rather than looped: a switch asks this for every layer, and each check costs well under a µs.
-    f32 = torch.float32
-    if not (out.dtype is f32 and w0.dtype is f32 and left.dtype is f32 and right.dtype is f32
+    dtype = out.dtype
+    if not (dtype in _DTYPES and w0.dtype is dtype and left.dtype is dtype and right.dtype is dtype
             and out.is_cpu and w0.is_cpu and left.is_cpu and right.is_cpu
             and out.dim() == 2 and left.dim() == 2 and out.numel() > 0
             and out.is_contiguous() and w0.is_contiguous() and not out.is_neg() and not w0.is_neg()):
@@ -91,22 +93,25 @@ def _fusable(out: torch.Tensor, w0: torch.Tensor, left: torch.Tensor, right: tor
 
 
 def _overlaps(out: torch.Tensor, other: torch.Tensor) -> bool:
-    """Whether two contiguous float32 tensors share any byte: the kernel reads as it writes, so an input that
-    overlaps the output (addmm refuses those) must not reach it."""
+    """Whether two contiguous tensors share any byte: the kernel reads as it writes, so an input that overlaps
+    the output (addmm refuses those) must not reach it."""
     start, other_start = out.data_ptr(), other.data_ptr()
-    return start < other_start + 4 * other.numel() and other_start < start + 4 * out.numel()
+    return (start < other_start + other.element_size() * other.numel()
+            and other_start < start + out.element_size() * out.numel())
 
 
 def write_merged(jobs: list[MergeJob], *, fused: bool = True) -> None:
-    """out = w0 + s·(left @ right) for every job. CPU float32 jobs go to the fused kernel in one call (the
+    """out = w0 + s·(left @ right) for every job. CPU float32 and bfloat16 jobs go to the fused kernel in one call (the
     threads split all of them by elements); the rest, or all with fused=False, run torch.addmm one by one, each
     bringing its W0 to the output's device only for its own turn (W0 may be kept on the host: one layer's copy
     at a time)."""
     batch: list[tuple[torch.Tensor, ...]] = []  # the jobs for the kernel
     for out, w0, left, right, scale in jobs:
         if fused and _LIB is not None and _fusable(out, w0, left, right):
-            # left/right are (r, ·) or (·, r): a row-major copy is a few kB, and `batch` keeps it alive.
-            left, right = left.resolve_neg().contiguous(), right.resolve_neg().contiguous()
+            # left/right are (r, ·) or (·, r): a row-major float32 copy is a few kB (the kernel reads the factors
+            # as float32, so bfloat16 ones are widened once here, not per weight), and `batch` keeps it alive.
+            left = left.resolve_neg().to(torch.float32).contiguous()
+            right = right.resolve_neg().to(torch.float32).contiguous()
             if not (_overlaps(out, w0) or _overlaps(out, left) or _overlaps(out, right)):
                 batch.append((out, w0, left, right, scale))
                 continue
@@ -116,7 +121,7 @@ def write_merged(jobs: list[MergeJob], *, fused: bool = True) -> None:
         return
     table = (_Job * len(batch))(*[
         _Job(out.data_ptr(), w0.data_ptr(), left.data_ptr(), right.data_ptr(), out.shape[0], out.shape[1],
-             left.shape[1], float(scale)) for out, w0, left, right, scale in batch])
+             left.shape[1], float(scale), _DTYPES[out.dtype]) for out, w0, left, right, scale in batch])
     _LIB.lora_fused_merge(table, len(batch), torch.get_num_threads())  # ctypes releases the GIL meanwhile
     for out, *_ in batch:
         if not out.is_inference():

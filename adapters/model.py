@@ -45,8 +45,8 @@ class LoraModel:
         self.model = model
         self.max_rank = max_rank
         self.pristine_device = pristine_device
-        # Merges of CPU float32 weights run on the one-pass C kernel when it was built (adapters/merge_kernel.py);
-        # False keeps them on torch.addmm (the same formula, about half a copy slower per switch).
+        # Merges of CPU float32/bfloat16 weights run on the one-pass C kernel when it was built
+        # (adapters/merge_kernel.py); False keeps them on torch.addmm (the same formula, slower per switch).
         self.fused_merges = fused_merges
         self.router = Router()
         self.configs: dict[str, LoraConfig] = {}

@@ -110,7 +110,8 @@ class StateResponse(BaseModel):
     merge_policy: dict[str, Any]
     resident_adapters: list[str]
     merge_kernel: Literal["fused", "addmm"] = Field(
-        description="What merges run on: the one-pass fused CPU kernel (float32 weights, rank <= 32) or torch.addmm")
+        description="What merges run on: the one-pass fused CPU kernel (float32 or bfloat16 weights, rank <= 32) "
+                    "or torch.addmm")
     fingerprint: str | None = Field(description="sha256 of every base weight a merge can change, as they are now")
     pristine_fingerprint: str | None = Field(description="The same over the pristine weights; equal when unmerged")
 

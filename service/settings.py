@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     merge_policy: Literal["never", "always", "auto"] = "auto"
     """never: always unmerged; always: merge each batch's adapter; auto: merge when one adapter dominates."""
     merge_kernel: Literal["auto", "addmm"] = "auto"
-    """auto: CPU float32 merges run on the one-pass C kernel where it was built; addmm: always torch.addmm."""
+    """auto: CPU float32/bfloat16 merges run on the one-pass C kernel where it was built; addmm: always torch.addmm."""
 
     # ---------------------------------------------------------------- validation
     @field_validator("admin_keys", "inference_keys", mode="before")

@@ -76,6 +76,34 @@ def test_fused_matches_the_formula(rows, cols, rank, kernel_calls):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows,cols,rank", [(384, 384, 8), (7, 200, 3), (300, 17, 32)])
+def test_bfloat16_weights_round_once_like_addmm(rows, cols, rank, kernel_calls):
+    """bfloat16 W0 and factors: the sum is made in float32 and rounded once to nearest even, as addmm does;
+    at most one unit in the last place apart from addmm, and as close to the exact value."""
+    out, w0, left, right, s = _job(rows, cols, rank, dtype=torch.bfloat16)
+    write_merged([(out, w0, left, right, s)])
+    assert kernel_calls == [1] and out.dtype == torch.bfloat16
+    by_addmm = torch.empty_like(out)
+    write_merged([(by_addmm, w0, left, right, s)], fused=False)
+    exact = _reference(w0, left, right, s)
+    ulp = by_addmm.double().abs().clamp_min(1e-3) * 2.0**-7  # bfloat16 keeps 8 significant bits
+    assert ((out.double() - by_addmm.double()).abs() <= ulp).all()
+    assert (out.double() - exact).abs().max() <= (by_addmm.double() - exact).abs().max() * 1.01 + 1e-6
+
+
+@needs_kernel
+def test_bfloat16_nan_stays_nan_and_overflow_becomes_inf(kernel_calls):
+    w0 = torch.zeros(1, 20, dtype=torch.bfloat16)
+    w0[0, 0], w0[0, 1], w0[0, 17] = float("nan"), 3.0e38, 3.0e38  # 17: the scalar tail after one 16-wide block
+    right = torch.zeros(1, 20, dtype=torch.bfloat16)
+    right[0, 1], right[0, 17] = 3.0e38, 3.0e38
+    out = torch.empty_like(w0)
+    write_merged([(out, w0, torch.ones(1, 1, dtype=torch.bfloat16), right, 1.0)])
+    assert kernel_calls == [1]
+    assert out[0, 0].isnan() and out[0, 1] == float("inf") and out[0, 17] == float("inf")
+
+
+@needs_kernel
 def test_one_call_for_many_jobs_writes_each_exactly_as_alone(kernel_calls):
     jobs = [_job(r, c, k, seed=i) for i, (r, c, k) in enumerate([(64, 640, 8), (1536, 384, 8), (5, 3, 2)])]
     write_merged(jobs)
@@ -110,9 +138,9 @@ def test_transposed_factors_are_made_contiguous_first(kernel_calls):
     torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["float64", "bfloat16", "rank_too_large", "strided_out"])
+@pytest.mark.parametrize("case", ["float64", "float16", "rank_too_large", "strided_out"])
 def test_what_the_kernel_does_not_take_still_merges_through_addmm(case, monkeypatch):
-    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
+    dtype = {"float64": torch.float64, "float16": torch.float16}.get(case, torch.float32)
     rank = MAX_FUSED_RANK + 1 if case == "rank_too_large" else 4
     out, w0, left, right, s = _job(48, 40, rank, dtype=dtype)
     if case == "strided_out":
@@ -121,7 +149,7 @@ def test_what_the_kernel_does_not_take_still_merges_through_addmm(case, monkeypa
 
     monkeypatch.setattr(merge_kernel, "_LIB", None if merge_kernel._LIB is None else _Refusing())
     write_merged([(out, w0, left, right, s)])
-    tol = 0.05 if dtype == torch.bfloat16 else 1e-5
+    tol = 0.05 if dtype == torch.float16 else 1e-5
     torch.testing.assert_close(out.double(), _reference(w0, left, right, s), rtol=tol, atol=tol)
 
 
@@ -140,7 +168,8 @@ def test_a_fused_write_moves_the_version_counter_like_an_inplace_op(kernel_calls
 
 def test_the_reported_kernel_follows_the_choice_device_and_dtype():
     assert kernel_name("cpu", torch.float32, fused=False) == "addmm"
-    assert kernel_name("cpu", torch.float64) == "addmm"
+    assert kernel_name("cpu", torch.float64) == "addmm" and kernel_name("cpu", torch.float16) == "addmm"
+    assert kernel_name("cpu", torch.bfloat16) == "fused"
     assert kernel_name("cuda", torch.float32) == "addmm"
 
 
