@@ -110,10 +110,10 @@ def write_merged(jobs: list[MergeJob], *, fused: bool = True) -> None:
         if fused and _LIB is not None and _fusable(out, w0, left, right):
             # left/right are (r, ·) or (·, r): a row-major float32 copy is a few kB (the kernel reads the factors
             # as float32, so bfloat16 ones are widened once here, not per weight), and `batch` keeps it alive.
-            left = left.resolve_neg().to(torch.float32).contiguous()
-            right = right.resolve_neg().to(torch.float32).contiguous()
-            if not (_overlaps(out, w0) or _overlaps(out, left) or _overlaps(out, right)):
-                batch.append((out, w0, left, right, scale))
+            left32 = left.resolve_neg().to(torch.float32).contiguous()
+            right32 = right.resolve_neg().to(torch.float32).contiguous()
+            if not (_overlaps(out, w0) or _overlaps(out, left32) or _overlaps(out, right32)):
+                batch.append((out, w0, left32, right32, scale))
                 continue
         w0 = w0 if w0.device == out.device else w0.to(out.device, non_blocking=True)
         torch.addmm(w0, left, right, alpha=scale, out=out)  # (rows, r) @ (r, cols) -> (rows, cols)

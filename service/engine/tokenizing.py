@@ -62,6 +62,8 @@ def render_chat(base: LoadedBase, tokenizer: Any, messages: list[dict[str, str]]
     from the base's tokenizer (a Python attribute, safe to read from any thread), so the copies never carry a
     stale one."""
     template = getattr(base.tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates (chat_template.jinja + additional_chat_templates/)
+        template = template.get("default")  # what transformers picks for a chat without tools
     if not template:
         raise BadRequestError(f"the base model {base.model_id!r} has no chat template (tokenizer_config.json "
                               "`chat_template`): use /v1/completions with the prompt format it was trained on")

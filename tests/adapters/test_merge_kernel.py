@@ -201,12 +201,13 @@ def test_switches_on_gpt2_agree_with_addmm_and_restore_bit_for_bit(kernel_calls)
 
 
 @needs_kernel
-def test_an_output_overlapping_an_input_is_refused_like_addmm_does():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_output_overlapping_an_input_is_refused_like_addmm_does(dtype):
     """The kernel reads W0 while it writes: an overlapping pair would come out silently wrong, so it goes to
-    addmm instead, which refuses it."""
-    buffer = torch.randn(65, 64)
+    addmm instead (with the factors as given, not the kernel's float32 copies), which refuses it."""
+    buffer = torch.randn(65, 64).to(dtype)
     out, w0 = buffer[1:], buffer[:-1]  # shifted by one row: they share 63 rows
-    left, right = torch.randn(64, 4), torch.randn(4, 64)
+    left, right = torch.randn(64, 4).to(dtype), torch.randn(4, 64).to(dtype)
     with pytest.raises(RuntimeError, match="memory location"):
         write_merged([(out, w0, left, right, 0.5)])
 

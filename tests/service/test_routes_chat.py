@@ -122,6 +122,18 @@ def test_a_message_name_reaches_the_template(chat_client: TestClient):
     assert named["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
 
 
+def test_named_chat_templates_use_the_default_one(chat_client: TestClient):
+    """A model folder with chat_template.jinja and additional_chat_templates/ loads them as a dict of named
+    templates; a chat without tools renders with "default", as transformers does."""
+    tok = chat_client.app.state.base.tokenizer
+    plain = _chat(chat_client)
+    tok.chat_template = {"default": TEMPLATE, "tool_use": "{{ raise_exception('not this one') }}"}
+    assert _chat(chat_client)["usage"] == plain["usage"]
+    tok.chat_template = {"tool_use": TEMPLATE}
+    r = chat_client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES})
+    assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+
+
 def test_a_broken_chat_template_is_the_servers_500_not_the_clients_400(chat_client: TestClient):
     chat_client.app.state.base.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }"  # unclosed
     r = chat_client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES})
