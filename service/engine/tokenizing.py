@@ -3,11 +3,11 @@
 A fast tokenizer's truncation setting is state on its Rust object: each call with `truncation=True` switches
 it on and each call without switches it off, so on one tokenizer shared by threads a prompt can switch off
 the truncation an embedding call has just switched on, and that call silently comes back longer than the
-context (measured with tokenizers 0.23: about 1 call in 170 under contention; older versions fail with
-"Already borrowed"). One lock around one tokenizer prevented that but made every request wait for the
-longest text anyone was tokenizing (a 4 MB prompt: seconds). Instead each call borrows a copy of its own for
-its duration, so up to `size` texts are tokenized at once (the Rust code runs without the GIL). The loop
-thread keeps the original for decoding and padding; no handler touches it.
+context (measured with tokenizers 0.23: about 1 call in 170 under contention). One lock around one tokenizer
+prevented that but made every request wait for the longest text anyone was tokenizing (a 4 MB prompt:
+seconds). Instead each call borrows a copy of its own for its duration, so as many texts as the pool holds
+copies are tokenized at once (the Rust code runs without the GIL). The loop thread keeps the original for
+decoding and padding; no handler touches it.
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ class TokenizerPool:
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(size):
             self._free.put(copy.deepcopy(tokenizer))
-        self.size = size
 
     @contextlib.contextmanager
     def borrow(self) -> Iterator[Any]:
-        """A tokenizer no other thread uses until the block ends (waits while all `size` are out)."""
+        """A tokenizer no other thread uses until the block ends (waits while every copy is out)."""
         tokenizer = self._free.get()
         try:
             yield tokenizer
