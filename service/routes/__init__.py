@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import APIRouter
+
+from service.deps import RequireInference
 from service.schemas import ErrorResponse
 
-__all__ = ["error_responses"]
+__all__ = ["error_responses", "inference_router"]
 
 _DESCRIPTIONS = {
     400: "Invalid request (malformed form, wrong task for the base model, input the engine cannot run)",
@@ -24,3 +27,10 @@ _DESCRIPTIONS = {
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for the OpenAPI schema: each status with the JSON error body."""
     return {code: {"model": ErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+def inference_router() -> APIRouter:
+    """A router for OpenAI-compatible inference routes (completions, embeddings, chat, ...): one definition of
+    who may call them (inference or admin keys) and of the errors they document."""
+    return APIRouter(prefix="/v1", tags=["inference"], dependencies=[RequireInference],
+                     responses=error_responses(400, 401, 404, 422, 503))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from service.chat_schemas import (
@@ -21,17 +20,16 @@ from service.chat_schemas import (
     ChatTokenLogprob,
     ChatTopLogprob,
 )
-from service.deps import EngineDep, RequireInference
+from service.deps import EngineDep
 from service.engine import CompletionChunk, CompletionResult
 from service.engine import CompletionRequest as EngineCompletion
-from service.routes import error_responses
+from service.routes import inference_router
 from service.routes.sse import data, stream_response, usage_event
 from service.schemas import Usage
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[RequireInference],
-                   responses=error_responses(400, 401, 404, 422, 503))
+router = inference_router()
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse,

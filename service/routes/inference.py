@@ -16,14 +16,13 @@ import time
 import uuid
 from datetime import datetime
 
-from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from service.deps import BaseDep, EngineDep, RequireInference, StoreDep
+from service.deps import BaseDep, EngineDep, StoreDep
 from service.engine import CompletionChunk, CompletionResult
 from service.engine import CompletionRequest as EngineCompletion
 from service.errors import BadRequest, Unprocessable
-from service.routes import error_responses
+from service.routes import error_responses, inference_router
 from service.routes.sse import data, stream_response, usage_event
 from service.schemas import (
     Classification,
@@ -44,8 +43,7 @@ from service.schemas import (
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[RequireInference],
-                   responses=error_responses(400, 401, 404, 422, 503))
+router = inference_router()
 
 
 def _texts(value: str | list[str]) -> list[str]:
