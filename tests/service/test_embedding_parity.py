@@ -5,6 +5,7 @@ last-token pooling on a left-padded decoder. `GET /v1/models/base` reports what 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,3 +165,18 @@ def test_last_token_pooling_on_a_left_padded_decoder_matches(tiny_dirs, tmp_path
         _assert_parity(_ours(client), reference.encode(TEXTS))
         emb = client.get("/v1/models/base").json()["embedding"]
         assert emb["pooling"] == ["lasttoken"] and emb["max_length"] == 96
+
+
+def test_legacy_max_seq_length_and_do_lower_case_match(tiny_dirs, tmp_path: Path):
+    """Older sentence-transformers wrote both into sentence_bert_config.json; the byte-level BPE is cased."""
+    _save_st(tiny_dirs["decoder"], tmp_path / "lower", "mean")
+    config = tmp_path / "lower" / "sentence_bert_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_seq_length": 40, "do_lower_case": True}))
+    reference = st.SentenceTransformer(str(tmp_path / "lower"), device="cpu")
+    texts = [*TEXTS, "HELLO WORLD!", "The LoRA"]
+    for client in _serve(tmp_path / "lower", tmp_path / "store"):
+        ours = _ours(client, texts=texts)
+        _assert_parity(ours, reference.encode(texts))
+        assert np.abs(ours[-2] - _ours(client, texts=["hello world!"])[0]).max() <= 1e-6  # lower-cased first
+        emb = client.get("/v1/models/base").json()["embedding"]
+        assert emb["max_length"] == 40 and emb["lower_case"] is True
