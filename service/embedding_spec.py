@@ -124,8 +124,9 @@ def read_embedding_spec(root: Path, tokenizer: Any, positions: int, hidden: int)
     modes, include_prompt = _pooling(pooling_config if pooling_config is not None else {})
     bert = _json(root / "sentence_bert_config.json") or {}
     # sentence-transformers' order: an explicit max_seq_length wins; else the tokenizer's, capped at the positions
-    # (a tokenizer may say 1e30, or 512 where the table holds 514 rows for RoBERTa's offset)
-    max_length = bert.get("max_seq_length") or min(int(getattr(tokenizer, "model_max_length", positions)), positions)
+    # (a tokenizer may say 1e30, or 512 where the table holds 514 rows for RoBERTa's offset). A max_seq_length
+    # beyond the positions is capped too: there sentence-transformers would fail on long inputs.
+    max_length = min(bert.get("max_seq_length") or int(getattr(tokenizer, "model_max_length", positions)), positions)
     st_config = _json(root / "config_sentence_transformers.json") or {}
     prompts = {str(k): str(v or "") for k, v in (st_config.get("prompts") or {}).items()}
     default_prompt_name = st_config.get("default_prompt_name") or None

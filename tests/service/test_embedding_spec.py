@@ -33,6 +33,8 @@ def test_defaults_without_sentence_transformers_files(tmp_path: Path):
     assert spec.source == "defaults" and spec.similarity_fn_name == "cosine" and spec.resolve_prompt() == ""
     # RoBERTa's table has 514 rows for 512 tokens: the tokenizer's own limit caps the positions
     assert read_embedding_spec(tmp_path, _TOKENIZER, positions=514, hidden=32).max_length == 512
+    _write(tmp_path, {"sentence_bert_config.json": {"max_seq_length": 1024}})
+    assert read_embedding_spec(tmp_path, _TOKENIZER, positions=514, hidden=32).max_length == 514  # no IndexError
 
 
 def test_legacy_files(tmp_path: Path):
