@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from adapters import model_footprint
+from service.embedding_spec import EmbeddingSpec, EmbeddingSpecError, read_embedding_spec
 
 __all__ = ["LoadedBase", "load_base_model", "detect_task", "resolve_device", "resolve_dtype", "default_base_model"]
 
@@ -41,6 +42,9 @@ class LoadedBase:
     # Token ids that end a generation: the tokenizer's EOS and every one of generation_config.eos_token_id
     # (instruct models end a turn with their own token, e.g. <|im_end|>, <|eot_id|>, <|end|>).
     stop_ids: frozenset[int] = frozenset()
+    # An embedding base's pooling, normalisation, maximum length and prompts (its sentence-transformers files);
+    # None for generate and classify bases.
+    embedding: EmbeddingSpec | None = None
 
 
 def default_base_model() -> str:
@@ -112,10 +116,17 @@ def load_base_model(path: str | None, device: str = "auto", dtype: str = "float3
         labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)]
     positions = (getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
                  or 512)
+    embedding = None
+    if task == "embed":  # before the engine copies the tokenizer: do_lower_case changes its normalizer
+        try:
+            embedding = read_embedding_spec(Path(path), tokenizer, int(positions),
+                                            int(getattr(model.config, "hidden_size", 0)))
+        except EmbeddingSpecError as exc:
+            raise BaseModelError(f"base model {path!r}: {exc}") from exc
     params, nbytes = model_footprint(model)
     model_id = "all-MiniLM-L6-v2" if path == default_base_model() else (Path(path).name or str(path))
     return LoadedBase(model, tokenizer, task, model_id, torch_device, torch_dtype, labels,
-                      params, nbytes, int(positions), _stop_ids(model, tokenizer))
+                      params, nbytes, int(positions), _stop_ids(model, tokenizer), embedding)
 
 
 def _stop_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:

@@ -18,7 +18,7 @@ __all__ = [
     "ComposeRequest", "ComposeResponse", "StateResponse", "CompletionRequest", "CompletionLogprobs",
     "CompletionChoice", "Usage", "CompletionResponse", "EmbeddingRequest", "Embedding", "EmbeddingResponse",
     "ClassifyRequest", "LabelScore", "Classification", "ClassifyResponse", "ModelCard", "ModelList", "Health",
-    "StreamOptions", "GenerationRequest", "only_neutral",
+    "StreamOptions", "GenerationRequest", "only_neutral", "EmbeddingInfo",
 ]
 
 MAX_INPUTS = 2048  # texts per embeddings/classify request, as OpenAI allows
@@ -231,6 +231,9 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
     dimensions: int | None = Field(None, ge=1, description="Only the model's own width (no truncation)")
     user: str | None = None
+    # Not OpenAI's: sentence-transformers' encode(prompt=..., prompt_name=...). Neither: the default prompt.
+    prompt_name: str | None = Field(None, description="One of the model's prompts (GET /v1/models/base)")
+    prompt: str | None = Field(None, description="Text prepended to every input; overrides prompt_name")
 
 
 class Embedding(BaseModel):
@@ -271,6 +274,22 @@ class ClassifyResponse(BaseModel):
     usage: Usage
 
 
+class EmbeddingInfo(BaseModel):
+    """How /v1/embeddings computes vectors on this base, from its sentence-transformers files."""
+
+    pooling: list[str] = Field(description="Pooling modes, concatenated in this order (cls, mean, lasttoken, ...)")
+    max_length: int = Field(description="Tokens per input, special tokens included; longer inputs are truncated")
+    normalize: bool = Field(description="L2-normalised after pooling")
+    dimensions: int
+    lower_case: bool = Field(description="Inputs are lower-cased before tokenizing (do_lower_case)")
+    include_prompt: bool = Field(description="False: prompt tokens are left out of the pooling")
+    prompts: dict[str, str] = Field(description="Named prompts, for the request's prompt_name")
+    default_prompt_name: str | None = Field(description="Applied when a request names no prompt")
+    similarity_fn_name: str = Field(description="How the model's vectors are meant to be compared")
+    source: Literal["sentence-transformers", "defaults"] = Field(
+        description="Whether the checkpoint has modules.json, or these are the service's defaults")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -278,6 +297,7 @@ class ModelCard(BaseModel):
     owned_by: str = "lora-service"
     root: str = Field(description="The base model")
     parent: str | None = Field(description="'base' for an adapter, null for the base itself")
+    embedding: EmbeddingInfo | None = Field(None, description="On an embedding base: how inputs are embedded")
 
 
 class ModelList(BaseModel):

@@ -23,6 +23,7 @@ from adapters import LoraModel, LoraWeights, validate_adapter
 from adapters.merge_kernel import kernel_name
 from adapters.validation import model_index
 from service.base_model import LoadedBase
+from service.embedding_spec import EmbeddingSpecError
 from service.engine.decoding import Decoder
 from service.engine.errors import AdapterChangedError, BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.fingerprint import fingerprint
@@ -236,9 +237,18 @@ class Engine(LoopThread):
         check_prompt(self.base, payload, len(ids))
         return [ids]
 
-    async def embed(self, model: str, texts: list[str]) -> EmbedResult:
+    async def embed(self, model: str, texts: list[str], *, prompt: str | None = None,
+                    prompt_name: str | None = None) -> EmbedResult:
+        """With the base's default prompt prepended (or `prompt`, or its prompt named `prompt_name`), as
+        SentenceTransformer.encode does."""
         if not texts:
             raise BadRequestError("input must hold at least one text")
+        if self.base.embedding is not None:
+            try:
+                prefix = self.base.embedding.resolve_prompt(prompt, prompt_name)
+            except EmbeddingSpecError as exc:
+                raise BadRequestError(str(exc)) from exc
+            texts = [prefix + t for t in texts] if prefix else texts
         return await (await self._submit("embed", model, texts))
 
     async def classify(self, model: str, texts: list[str]) -> ClassifyResult:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from adapters import LoraModel
 from service.base_model import LoadedBase
 from service.engine.errors import BadRequestError
+from service.engine.pooling import embed_vectors
 
 __all__ = ["routing", "collate", "embed_rows", "classify_rows", "check_classify"]
 
@@ -50,12 +50,13 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def embed_rows(lm: LoraModel, base: LoadedBase, ids: list[list[int]], names: list[str | None]
                ) -> tuple[list, list[int]]:
-    """Mean-pooled, L2-normalised embeddings, as sentence-transformers computes them for MiniLM."""
+    """Embeddings as sentence-transformers computes them for this checkpoint: its pooling mode(s) and
+    normalisation (base.embedding), over the tokens the tokenizer's padding side leaves real."""
     enc = collate(base, ids)
     with routing(lm, names):
         out = base.model(**enc)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
-    emb = F.normalize(_mean_pool(hidden.float(), enc["attention_mask"]), p=2, dim=-1)  # (B, H)
+    emb = embed_vectors(hidden.float(), enc["attention_mask"], base.embedding)  # (B, k * H)
     return emb.cpu().tolist(), enc["attention_mask"].sum(1).tolist()
 
 

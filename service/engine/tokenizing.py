@@ -49,9 +49,11 @@ class TokenizerPool:
 
 
 def encode(base: LoadedBase, tokenizer: Any, texts: list[str], *, truncate: bool) -> list[list[int]]:
-    """Token ids per text (cut to the model's context when `truncate`), with a tokenizer borrowed from the
-    pool; called from worker threads before queueing, so a long text never holds up the loop thread."""
-    kwargs = {"truncation": True, "max_length": base.max_length} if truncate else {}
+    """Token ids per text (cut to the longest input the model takes when `truncate`: an embedding base's own
+    max_seq_length, else its context), with a tokenizer borrowed from the pool; called from worker threads
+    before queueing, so a long text never holds up the loop thread."""
+    limit = base.embedding.max_length if base.embedding is not None else base.max_length
+    kwargs = {"truncation": True, "max_length": limit} if truncate else {}
     return tokenizer(texts, **kwargs)["input_ids"]
 
 

@@ -1,7 +1,7 @@
 """OpenAI-compatible inference. `model` names an adapter, or `base` for none. Inference or admin keys.
 
     POST /v1/completions   causal LMs; `stream: true` answers server-sent events ending in `data: [DONE]`
-    POST /v1/embeddings    encoders (mean-pooled, L2-normalised)
+    POST /v1/embeddings    encoders, pooled and normalised as their sentence-transformers files say
     POST /v1/classify      classifiers, or an encoder adapter carrying a classifier head
     GET  /v1/models        the base and every stored adapter
     GET  /v1/models/{id}   one of them (404 for an unknown id)
@@ -18,6 +18,7 @@ from datetime import datetime
 
 from fastapi.responses import StreamingResponse
 
+from service.base_model import LoadedBase
 from service.deps import BaseDep, EngineDep, StoreDep
 from service.engine import CompletionChunk, CompletionResult
 from service.engine import CompletionRequest as EngineCompletion
@@ -33,6 +34,7 @@ from service.schemas import (
     CompletionRequest,
     CompletionResponse,
     Embedding,
+    EmbeddingInfo,
     EmbeddingRequest,
     EmbeddingResponse,
     LabelScore,
@@ -91,11 +93,11 @@ def _event(chunk: CompletionChunk, meta: dict, include_usage: bool) -> str:
 
 @router.post("/embeddings", response_model=EmbeddingResponse, summary="Embed texts (OpenAI-compatible)")
 async def embeddings(body: EmbeddingRequest, engine: EngineDep, base: BaseDep) -> EmbeddingResponse:
-    width = getattr(base.model.config, "hidden_size", None)
+    width = base.embedding.dimensions if base.embedding is not None else getattr(base.model.config, "hidden_size", None)
     if body.dimensions is not None and body.dimensions != width:
         raise Unprocessable(f"dimensions={body.dimensions} is not supported: this model's embeddings have {width} "
                             "dimensions, and they are not truncated", key="dimensions")
-    result = await engine.embed(body.model, _texts(body.input))
+    result = await engine.embed(body.model, _texts(body.input), prompt=body.prompt, prompt_name=body.prompt_name)
     data = [Embedding(index=i, embedding=_encode(e, body.encoding_format)) for i, e in enumerate(result.embeddings)]
     usage = Usage.of(result.prompt_tokens)
     return EmbeddingResponse(data=data, model=body.model, usage=usage)
@@ -118,12 +120,11 @@ async def classify(body: ClassifyRequest, engine: EngineDep) -> ClassifyResponse
 
 @router.get("/models", response_model=ModelList, summary="The base model and every adapter (OpenAI-style)")
 async def models(store: StoreDep, base: BaseDep) -> ModelList:
-    cards = [ModelCard(id="base", created=0, root=base.model_id, parent=None)]
+    cards = [_card(base, "base", 0, None)]
     after = None
     while True:
         records, has_more = store.list(limit=1000, after=after)
-        cards += [ModelCard(id=r.name, created=_epoch(r.created_at), root=base.model_id, parent="base")
-                  for r in records]
+        cards += [_card(base, r.name, _epoch(r.created_at), "base") for r in records]
         if not has_more:
             return ModelList(data=cards)
         after = records[-1].name
@@ -133,9 +134,15 @@ async def models(store: StoreDep, base: BaseDep) -> ModelList:
             responses=error_responses(404))
 async def model(model_id: str, store: StoreDep, base: BaseDep) -> ModelCard:
     if model_id == "base":
-        return ModelCard(id="base", created=0, root=base.model_id, parent=None)
+        return _card(base, "base", 0, None)
     record = store.get(model_id)  # UnknownAdapterError -> 404
-    return ModelCard(id=record.name, created=_epoch(record.created_at), root=base.model_id, parent="base")
+    return _card(base, record.name, _epoch(record.created_at), "base")
+
+
+def _card(base: LoadedBase, model_id: str, created: int, parent: str | None) -> ModelCard:
+    """An adapter embeds as its base does, so both cards carry the base's embedding spec."""
+    embedding = EmbeddingInfo(**base.embedding.as_dict()) if base.embedding is not None else None
+    return ModelCard(id=model_id, created=created, root=base.model_id, parent=parent, embedding=embedding)
 
 
 def _epoch(iso: str) -> int:
