@@ -17,6 +17,7 @@ import uuid
 from datetime import datetime
 
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.deps import BaseDep, EngineDep, StoreDep
 from service.engine import CompletionChunk, CompletionResult
@@ -121,7 +122,7 @@ async def models(store: StoreDep, base: BaseDep) -> ModelList:
     cards = [ModelCard(id="base", created=0, root=base.model_id, parent=None)]
     after = None
     while True:
-        records, has_more = store.list(limit=1000, after=after)
+        records, has_more = await run_in_threadpool(store.list, 1000, after)
         cards += [ModelCard(id=r.name, created=_epoch(r.created_at), root=base.model_id, parent="base")
                   for r in records]
         if not has_more:
@@ -134,7 +135,7 @@ async def models(store: StoreDep, base: BaseDep) -> ModelList:
 async def model(model_id: str, store: StoreDep, base: BaseDep) -> ModelCard:
     if model_id == "base":
         return ModelCard(id="base", created=0, root=base.model_id, parent=None)
-    record = store.get(model_id)  # UnknownAdapterError -> 404
+    record = await run_in_threadpool(store.get, model_id)  # UnknownAdapterError -> 404
     return ModelCard(id=record.name, created=_epoch(record.created_at), root=base.model_id, parent="base")
 
 

@@ -15,7 +15,7 @@ from adapters import (
 )
 from service.engine import BadRequestError, EngineBusyError, WrongTaskError
 from service.errors import BadRequest, NotReady, PayloadTooLarge, UnsupportedMediaType, error_body, status_of
-from service.store import AdapterExistsError, InvalidAdapterNameError
+from service.storage import AdapterExistsError, InvalidAdapterNameError
 
 
 @pytest.mark.parametrize("exc,status", [
