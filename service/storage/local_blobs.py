@@ -44,14 +44,19 @@ class LocalBlobStore:
             return False
         staging = self._stage(files)
         try:
-            created = not blob.parent.exists()
-            blob.parent.mkdir(exist_ok=True)
-            try:
-                os.rename(staging, blob)  # the commit point of the files
-            except OSError:
-                if blob.is_dir():  # another writer (thread or process) put the same bytes meanwhile
-                    return False
-                raise
+            for attempt in range(3):
+                created = not blob.parent.exists()
+                blob.parent.mkdir(exist_ok=True)
+                try:
+                    os.rename(staging, blob)  # the commit point of the files
+                    break
+                except FileNotFoundError:  # a delete removed the (empty) shard directory just now: make it again
+                    if attempt == 2:
+                        raise
+                except OSError:
+                    if blob.is_dir():  # another writer (thread or process) put the same bytes meanwhile
+                        return False
+                    raise
             staging = None
             _fsync_dir(blob.parent)
             _fsync_dir(self.tmp)

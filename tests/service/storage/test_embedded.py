@@ -78,3 +78,19 @@ def test_opening_a_store_deletes_nothing(tmp_path: Path):
     (stray / "adapter_config.json").write_bytes(b"{}")
     local_store(tmp_path).close()
     assert leftover.exists() and stray.exists()
+
+
+def test_a_put_survives_a_delete_removing_its_shard_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import service.storage.local_blobs as module
+
+    blobs, real_rename, calls = LocalBlobStore(tmp_path), os.rename, []
+
+    def racing_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            Path(dst).parent.rmdir()  # a delete of the shard's last other blob, just between mkdir and rename
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(module.os, "rename", racing_rename)
+    assert blobs.put(_SHA, {"adapter_config.json": b"{}"}) is True
+    assert len(calls) == 2 and blobs.get(_SHA, "adapter_config.json") == b"{}"
