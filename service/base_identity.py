@@ -27,6 +27,7 @@ from torch import nn
 
 from adapters.layer import is_lora_target_type
 from service.storage.errors import ForeignStoreError
+from service.storage.interfaces import AdapterIndex
 
 __all__ = ["BaseIdentity", "base_identity", "default_store_dir", "claim_store", "IDENTITY_KEY"]
 
@@ -77,7 +78,7 @@ def default_store_dir(identity: BaseIdentity, parent: Path = Path("store")) -> P
     return parent / f"{slug[:64]}-{identity.short}"
 
 
-def claim_store(index, identity: BaseIdentity, location: str) -> None:
+def claim_store(index: AdapterIndex, identity: BaseIdentity, location: str) -> None:
     """Record `identity` as the store's base if it has none (a new store, or one written before identities);
     raise ForeignStoreError if the store belongs to another base. Changes nothing else either way."""
     existing = index.get_meta(IDENTITY_KEY)
