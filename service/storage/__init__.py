@@ -8,7 +8,7 @@
     service/storage/local_blobs.py  LocalBlobStore    the embedded blob store (<store>/blobs, <store>/tmp)
     service/storage/cli.py          lora-store gc
 
-Importing this package does not import torch.
+Layout, crash rules, collection and how to add a backend: docs/storage.md.
 """
 
 from __future__ import annotations
