@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import adapters as A  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
 from service.engine import Engine, load_base_model  # noqa: E402
-from service.store import AdapterStore  # noqa: E402
+from service.storage import local_store  # noqa: E402
 
 WORDS = "the quick brown fox jumps over a lazy dog while small adapters serve many tasks at once".split()
 CONCURRENCY, N_ADAPTERS = 64, 100
@@ -106,7 +106,7 @@ async def drive_in_process(store_dir: Path, work: list[tuple[str, str]]) -> dict
     settings = SimpleNamespace(max_rank=64, host_cache_bytes=512 << 20, merge_policy="never", merge_kernel="auto",
                                device_cache_adapters=32, device_cache_bytes=256 << 20,
                                max_batch_size=32, max_wait_ms=5.0)
-    store = AdapterStore(store_dir)
+    store = local_store(store_dir)
     engine = Engine(load_base_model(None, "cpu", "float32"), settings, store)
     await engine.start()
     sem = asyncio.Semaphore(CONCURRENCY)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adapters as A  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
 from service.engine import Engine, load_base_model  # noqa: E402
-from service.store import AdapterStore  # noqa: E402
+from service.storage import canonicalize, local_store  # noqa: E402
 
 RANK, N_ADAPTERS, BATCH, SEQ = 8, 8, 32, 32
 
@@ -117,8 +117,8 @@ def bench_cold_load(base_dir: str | None, device: str, runs: int) -> dict:
     peft_config = LoraConfig(r=RANK, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
     pm = get_peft_model(copy.deepcopy(loaded.model), peft_config)
     pm.save_pretrained(work / "peft")
-    store = AdapterStore(work / "store")
-    store.put("cold", A.load_peft_dir(work / "peft"))
+    store = local_store(work / "store")
+    store.put("cold", canonicalize(A.load_peft_dir(work / "peft")))
     settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
                                device_cache_adapters=8, device_cache_bytes=1 << 28, max_batch_size=32, max_wait_ms=5)
     engine = Engine(loaded, settings, store)

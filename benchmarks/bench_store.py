@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import adapters as A  # noqa: E402
 from benchmarks.bench_http import free_port, start_server  # noqa: E402
 from benchmarks.common import machine_info  # noqa: E402
-from service.store import AdapterStore  # noqa: E402
+from service.storage import canonicalize, local_store  # noqa: E402
 
 HOST_CACHE = 4 << 20  # bytes
 DEVICE_CACHE = 8  # adapters
@@ -34,15 +34,15 @@ DEVICE_CACHE = 8  # adapters
 
 def fill(store_dir: Path, n: int) -> float:
     """n distinct rank-8 adapters on the query/value layers of MiniLM (98 KiB each, fp32)."""
-    store = AdapterStore(store_dir)
+    store = local_store(store_dir)
     t0 = time.perf_counter()
     shapes = {f"encoder.layer.{i}.attention.self.{m}": (384, 384) for i in range(6) for m in ("query", "value")}
     for k in range(n):
         gen = torch.Generator().manual_seed(k)
         lora = {p: (torch.randn(8, i, generator=gen) * 0.02, torch.randn(o, 8, generator=gen) * 0.02)
                 for p, (o, i) in shapes.items()}
-        store.put(f"task-{k:05d}", A.LoraWeights(A.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]),
-                                                  lora))
+        weights = A.LoraWeights(A.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]), lora)
+        store.put(f"task-{k:05d}", canonicalize(weights))
     store.close()
     return time.perf_counter() - t0
 

@@ -1,12 +1,14 @@
 """The FastAPI app: `create_app(settings)` wires the parts; the lifespan starts and stops them.
 
-    settings ─► KeyRing (auth)           startup:  AdapterStore(settings.store)   (crash recovery)
-             ─► Metrics (own registry)             load_base_model(...)           (frozen, eval, no grad)
+    settings ─► KeyRing (auth)           startup:  load_base_model(...)           (frozen, eval, no grad)
+             ─► Metrics (own registry)             base_identity(base)            (which base this is)
+                                                   open_store(settings), claim_store(identity), collect_garbage()
                                                    Engine(base, settings, store, metrics).start()
     routers: health, adapters, admin, inference    shutdown: engine.stop(), store.close()
 
-The base model loads during startup, before uvicorn accepts connections, so a wrong --base-model
-stops the process with its reason instead of leaving a server that can never become ready.
+The base model loads during startup, before uvicorn accepts connections, so a wrong --base-model, or a
+store that belongs to another base, stops the process with its reason instead of leaving a server that
+can never become ready. Every store call runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from adapters.merge_kernel import kernel_name
 from service import __version__
 from service.auth import KeyRing
+from service.base_identity import base_identity, claim_store, default_store_dir
 from service.engine import Engine, load_base_model
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import adapters, admin, chat, health, inference
 from service.settings import Settings
-from service.store import AdapterStore
+from service.storage import DEFAULT_GRACE_S, AdapterStore, ForeignStoreError, open_store
 
 __all__ = ["create_app"]
 
@@ -70,7 +73,7 @@ def _warn_about_auth(settings: Settings) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     _warn_about_auth(settings)
-    store = await run_in_threadpool(AdapterStore, settings.store)
+    store: AdapterStore | None = None
     engine: Engine | None = None
     try:
         base = await run_in_threadpool(load_base_model, settings.base_model, settings.device, settings.dtype,
@@ -78,14 +81,27 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("base model %s: task %s, %s parameters, %.1f MB %s on %s; merges run on %s", base.model_id,
                  base.task, f"{base.num_parameters:,}", base.nbytes / 1e6, settings.dtype, base.device,
                  kernel_name(base.device, base.dtype, fused=settings.merge_kernel == "auto"))
+        identity = await run_in_threadpool(base_identity, base.model, base.model_id)
+        if settings.store is None:  # one directory per base, so two bases never share a default store
+            settings = settings.model_copy(update={"store": default_store_dir(identity)})
+            app.state.settings = settings
+        store = await run_in_threadpool(open_store, settings)
+        try:
+            await run_in_threadpool(claim_store, store.index, identity, store.location)
+        except ForeignStoreError as exc:
+            log.error("refusing to start: %s", exc)
+            raise
+        await run_in_threadpool(store.collect_garbage, DEFAULT_GRACE_S)  # one directory walk and one query
         engine = Engine(base, settings, store, app.state.metrics)
         await engine.start()
         app.state.store, app.state.base, app.state.engine = store, base, engine
-        log.info("store %s: %d adapters; ready", settings.store, store.count())
+        count = await run_in_threadpool(store.count)
+        log.info("store %s (base identity %s): %d adapters; ready", store.location, identity.short, count)
         yield
     finally:
         app.state.engine = None
         if engine is not None:
             await engine.stop()
-        store.close()
+        if store is not None:
+            await run_in_threadpool(store.close)
         app.state.store = app.state.base = None

@@ -1,6 +1,6 @@
 """`lora-serve` (also `python -m service`): read the settings, then run the app under one uvicorn worker.
 
-    lora-serve                                   # the packaged MiniLM on 127.0.0.1:8000, store ./store
+    lora-serve                                   # the packaged MiniLM on 127.0.0.1:8000, store ./store/<model>-<id>
     lora-serve --base-model ./gpt2 --admin-keys "$ADMIN_KEY" --inference-keys "$INFER_KEY"
     lora-serve --help                            # every setting, with its LORA_* variable
 """

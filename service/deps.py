@@ -20,7 +20,7 @@ from service.engine import Engine
 from service.errors import NotReady
 from service.metrics import Metrics
 from service.settings import Settings
-from service.store import AdapterStore
+from service.storage import AdapterStore
 
 __all__ = ["SettingsDep", "MetricsDep", "StoreDep", "EngineDep", "BaseDep", "RequireAdmin", "RequireInference",
            "AdminDep", "InferenceDep"]

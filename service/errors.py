@@ -26,7 +26,7 @@ from service.engine.errors import (
     NonFiniteOutputError,
     WrongTaskError,
 )
-from service.store import NAME_PATTERN, AdapterExistsError
+from service.storage import NAME_PATTERN, AdapterExistsError, MissingBlobError, StorageUnavailableError
 
 __all__ = ["ServiceError", "BadRequest", "Unprocessable", "Unauthorized", "Forbidden", "NotFound", "PayloadTooLarge",
            "UnsupportedMediaType", "NotReady", "error_body", "status_of", "install_error_handlers"]
@@ -81,6 +81,8 @@ class NotReady(ServiceError):
 _DOMAIN_STATUS: list[tuple[type[Exception], int]] = [
     (UnknownAdapterError, 404),  # an adapter name that is not in the store
     (AdapterExistsError, 409),  # PUT without ?overwrite=true on a taken name
+    (MissingBlobError, 500),  # an index row whose files are gone from the blob store (a damaged store)
+    (StorageUnavailableError, 503),  # the index or the blob store cannot be reached
     (AdapterError, 422),  # bad files, unsupported features, shape/target mismatch, rank > max, merge refused
     (NonFiniteOutputError, 422),  # an adapter whose weights overflow the model's activations
     (AdapterChangedError, 409),  # deleted or replaced while a request was generating with it
@@ -168,6 +170,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _domain)
     app.add_exception_handler(AdapterError, _domain)
     app.add_exception_handler(EngineError, _domain)
+    app.add_exception_handler(StorageUnavailableError, _domain)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(Exception, _unexpected)

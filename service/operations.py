@@ -2,9 +2,9 @@
 
 Each operation validates everything before it changes anything: an adapter is checked in full against
 the base (`engine.validate`) before the store sees it, and the store commits atomically, so a failure
-at any step leaves the store and the base weights as they were. The blocking parts (tensor checks,
-disk writes) run in a worker thread; the engine's cache hints (`forget`, `prefetch`) are given from the
-event loop, where the engine expects them.
+at any step leaves the store and the base weights as they were. The blocking parts (every store call,
+tensor checks, disk writes) run in a worker thread; the engine's cache hints (`forget`, `prefetch`) are
+given from the event loop, where the engine expects them.
 """
 
 from __future__ import annotations
@@ -17,22 +17,22 @@ from adapters import AdapterError, ComposeResult, LoraWeights, compose
 from service.engine import Engine
 from service.metrics import Metrics
 from service.schemas import ComposeRequest
-from service.store import AdapterExistsError, AdapterRecord, AdapterStore, check_name
+from service.storage import AdapterExistsError, AdapterRecord, AdapterStore, canonicalize, check_name
 
 __all__ = ["refuse_if_taken", "store_adapter", "compose_adapters", "delete_adapter"]
 
 
-def refuse_if_taken(store: AdapterStore, name: str, overwrite: bool) -> None:
+async def refuse_if_taken(store: AdapterStore, name: str, overwrite: bool) -> None:
     """Fail fast (before reading an upload) on a bad or taken name; store.put checks again atomically."""
     check_name(name)
-    if not overwrite and store.exists(name):
+    if not overwrite and await run_in_threadpool(store.exists, name):
         raise AdapterExistsError(f"adapter {name!r} already exists (use ?overwrite=true for a new version)", key=name)
 
 
 def _validate_and_put(engine: Engine, store: AdapterStore, name: str, weights: LoraWeights, overwrite: bool,
                       meta: dict[str, Any] | None) -> AdapterRecord:
     engine.validate(weights)  # raises, naming the key, if the adapter does not fit the base
-    return store.put(name, weights, overwrite=overwrite, meta=meta)
+    return store.put(name, canonicalize(weights), overwrite=overwrite, meta=meta)  # serialized and hashed once
 
 
 async def store_adapter(engine: Engine, store: AdapterStore, metrics: Metrics, name: str, weights: LoraWeights, *,
@@ -65,7 +65,7 @@ def _compose(engine: Engine, store: AdapterStore, request: ComposeRequest) -> Co
 
 async def compose_adapters(engine: Engine, store: AdapterStore, metrics: Metrics,
                            request: ComposeRequest) -> tuple[AdapterRecord, ComposeResult]:
-    refuse_if_taken(store, request.name, request.overwrite)
+    await refuse_if_taken(store, request.name, request.overwrite)
     result = await run_in_threadpool(_compose, engine, store, request)
     meta = {"composed_from": [item.model_dump() for item in request.adapters], "rank": request.rank,
             "relative_error": result.relative_error}

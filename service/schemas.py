@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from adapters import Footprint
-from service.store import FILENAMES, NAME_PATTERN, AdapterRecord
+from service.storage import FILENAMES, NAME_PATTERN, AdapterRecord
 
 __all__ = [
     "ErrorDetail", "ErrorResponse", "FootprintInfo", "AdapterInfo", "AdapterList", "DeletedAdapter", "ComposeItem",

@@ -53,8 +53,9 @@ class Settings(BaseSettings):
     """Dtype of the base weights and of resident adapters."""
 
     # ---------------------------------------------------------------- the store
-    store: Path = Path("store")
-    """Adapter store directory (created if missing; keep it on a durable volume)."""
+    store: Path | None = None
+    """Adapter store directory (created if missing; keep it on a durable volume). Default: ./store/<model>-<identity>,
+    one per base model; a store belongs to the base that first used it, and another base refuses to start on it."""
     max_rank: int = Field(64, ge=1, le=4096)
     """Largest LoRA rank accepted on upload (a larger one is refused with 422)."""
     max_upload_bytes: ByteSize = Field(ByteSize(64 * _MiB), ge=1024)
@@ -133,12 +134,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_store_is_the_default(cls, value: Any) -> Any:
         # LORA_STORE= (set but empty) would otherwise become Path(""), the current directory.
-        return "store" if isinstance(value, str) and not value.strip() else value
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("store")
     @classmethod
-    def _check_store(cls, value: Path) -> Path:
-        if value.exists() and not value.is_dir():
+    def _check_store(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_dir():
             raise ValueError(f"store {str(value)!r} exists and is not a directory")
         return value
 

@@ -12,7 +12,7 @@ from service.deps import BaseDep, EngineDep, MetricsDep, RequireAdmin, SettingsD
 from service.operations import delete_adapter, refuse_if_taken, store_adapter
 from service.routes import error_responses
 from service.schemas import AdapterInfo, AdapterList, DeletedAdapter, StateResponse
-from service.store import FILENAMES, NAME_PATTERN
+from service.storage import FILENAMES, NAME_PATTERN
 from service.uploads import SINGLE_FIELD, content_boundary, read_adapter_upload
 
 __all__ = ["router"]
@@ -44,7 +44,7 @@ async def upload_adapter(name: Name, request: Request, store: StoreDep, engine: 
     """A PEFT adapter as its two files, or in single-file form. It is validated in full against the
     base model (every key, shape, rank ≤ max_rank, finite values) before it is stored."""
     boundary = content_boundary(request)  # 415 before anything else is read
-    refuse_if_taken(store, name, overwrite)  # 409 before the body is read
+    await refuse_if_taken(store, name, overwrite)  # 409 before the body is read
     try:
         weights = await read_adapter_upload(request, boundary, int(settings.max_upload_bytes))
     except Exception:
@@ -58,16 +58,16 @@ async def upload_adapter(name: Name, request: Request, store: StoreDep, engine: 
 async def list_adapters(store: StoreDep, base: BaseDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                         after: Annotated[str | None, Query(description="The `next` of the previous page")] = None
                         ) -> AdapterList:
-    records, has_more = store.list(limit=limit, after=after)
+    (records, has_more), total = await run_in_threadpool(lambda: (store.list(limit=limit, after=after), store.count()))
     data = [AdapterInfo.of(r, base.num_parameters, base.nbytes) for r in records]
-    return AdapterList(data=data, total=store.count(), has_more=has_more,
+    return AdapterList(data=data, total=total, has_more=has_more,
                        next=records[-1].name if has_more and records else None)
 
 
 @router.get("/{name}", response_model=AdapterInfo, summary="An adapter's metadata",
             responses=error_responses(404, 422))
 async def get_adapter(name: Name, store: StoreDep, base: BaseDep) -> AdapterInfo:
-    return AdapterInfo.of(store.get(name), base.num_parameters, base.nbytes)
+    return AdapterInfo.of(await run_in_threadpool(store.get, name), base.num_parameters, base.nbytes)
 
 
 @router.get("/{name}/files/{filename}", summary="Download one of the stored PEFT files", response_class=Response,

@@ -17,6 +17,7 @@ import uuid
 from datetime import datetime
 
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.base_model import LoadedBase
 from service.deps import BaseDep, EngineDep, StoreDep
@@ -123,7 +124,7 @@ async def models(store: StoreDep, base: BaseDep) -> ModelList:
     cards = [_card(base, "base", 0, None)]
     after = None
     while True:
-        records, has_more = store.list(limit=1000, after=after)
+        records, has_more = await run_in_threadpool(store.list, 1000, after)
         cards += [_card(base, r.name, _epoch(r.created_at), "base") for r in records]
         if not has_more:
             return ModelList(data=cards)
@@ -135,7 +136,7 @@ async def models(store: StoreDep, base: BaseDep) -> ModelList:
 async def model(model_id: str, store: StoreDep, base: BaseDep) -> ModelCard:
     if model_id == "base":
         return _card(base, "base", 0, None)
-    record = store.get(model_id)  # UnknownAdapterError -> 404
+    record = await run_in_threadpool(store.get, model_id)  # UnknownAdapterError -> 404
     return _card(base, record.name, _epoch(record.created_at), "base")
 
 

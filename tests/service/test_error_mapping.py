@@ -15,7 +15,7 @@ from adapters import (
 )
 from service.engine import BadRequestError, EngineBusyError, WrongTaskError
 from service.errors import BadRequest, NotReady, PayloadTooLarge, UnsupportedMediaType, error_body, status_of
-from service.store import AdapterExistsError, InvalidAdapterNameError
+from service.storage import AdapterExistsError, InvalidAdapterNameError, MissingBlobError, StorageUnavailableError
 
 
 @pytest.mark.parametrize("exc,status", [
@@ -23,7 +23,8 @@ from service.store import AdapterExistsError, InvalidAdapterNameError
     (AdapterFormatError("x"), 422), (UnsupportedAdapterError("x"), 422), (AdapterMismatchError("x"), 422),
     (AdapterTooLargeError("x"), 422), (MergeError("x"), 422), (WrongTaskError("x"), 400),
     (BadRequestError("x"), 400), (EngineBusyError("x"), 503), (BadRequest("x"), 400), (PayloadTooLarge("x"), 413),
-    (UnsupportedMediaType("x"), 415), (NotReady("x"), 503), (RuntimeError("x"), 500),
+    (UnsupportedMediaType("x"), 415), (NotReady("x"), 503), (RuntimeError("x"), 500), (MissingBlobError("x"), 500),
+    (StorageUnavailableError("index", "x"), 503),
 ])
 def test_status_of(exc: Exception, status: int):
     assert status_of(exc) == status
@@ -80,3 +81,16 @@ def test_neutral_values_of_unimplemented_openai_parameters_are_accepted(bert_cli
     assert r.status_code == 200, r.text
     r = bert_client.post("/v1/embeddings", json={"model": "base", "input": "hi", "dimensions": 32})
     assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 32
+
+
+def test_a_row_whose_files_are_missing_is_500_not_404(bert_client: TestClient, unique: str):
+    """A damaged store (blob deleted by hand) is the server's fault, and the name still exists: 500, say why."""
+    from http_testkit import BERT_TARGETS, make_adapter, peft_files
+
+    sha = bert_client.put(f"/v1/adapters/{unique}", files=peft_files(make_adapter(BERT_TARGETS))).json()["sha256"]
+    bert_client.app.state.store.blobs.delete(sha)
+    r = bert_client.get(f"/v1/adapters/{unique}/files/adapter_model.safetensors")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "missing_blob_error"
+    assert "missing" in r.json()["error"]["message"] and r.json()["error"]["key"] == unique
+    assert bert_client.get(f"/v1/adapters/{unique}").status_code == 200  # the row is kept (and listed)
+    assert bert_client.delete(f"/v1/adapters/{unique}").status_code == 200  # and can be removed

@@ -23,7 +23,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch):
 
 def test_defaults():
     s = Settings()
-    assert s.base_model is None and s.store == Path("store") and s.device == "auto" and s.dtype == "float32"
+    assert s.base_model is None and s.store is None and s.device == "auto" and s.dtype == "float32"  # store: per base
     assert (s.host, s.port, s.workers) == ("127.0.0.1", 8000, 1)
     assert s.max_rank == 64 and s.max_upload_bytes == 64 * 2**20 and s.host_cache_bytes == 512 * 2**20
     assert (s.max_batch_size, s.max_wait_ms, s.merge_policy) == (32, 5.0, "auto")
@@ -91,7 +91,7 @@ def test_keys_are_not_in_the_repr():
 
 def test_empty_store_variable_means_the_default_not_the_current_directory(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LORA_STORE", "")
-    assert Settings().store == Path("store")
+    assert Settings().store is None  # the default: ./store/<model>-<identity>, chosen once the base is loaded
 
 
 def test_keys_as_a_json_list(monkeypatch: pytest.MonkeyPatch):

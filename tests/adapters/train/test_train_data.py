@@ -141,7 +141,7 @@ def test_cli_refuses_an_out_path_blocked_by_a_file(tmp_path, capsys):
 
 def test_the_name_rule_is_the_services():
     from adapters.train.upload import NAME_PATTERN
-    from service.store import NAME_PATTERN as SERVICE_PATTERN
+    from service.storage import NAME_PATTERN as SERVICE_PATTERN
 
     assert NAME_PATTERN == SERVICE_PATTERN
 
