@@ -10,9 +10,11 @@ then commits the index row. A crash at any point, kill -9 included, leaves the o
 one: a stray tmp/ entry or an unreferenced blob at worst, and both are removed on the next open. A
 row never points at a partial adapter.
 
-The files are stored in canonical form (`adapters.to_peft_bytes`: sorted JSON, safetensors), and the
-blob is named by their sha256, so the same adapter uploaded twice (as two PEFT files or as one single
-file) is stored once. A blob is removed when its last row goes. Names are never used as paths.
+The files are stored in canonical form (`adapters.to_peft_bytes`: the config rewritten as sorted JSON with
+only the fields PEFT and this service use, the tensors as safetensors with any label names in its
+`__metadata__`), and the blob is named by their sha256, so the same adapter uploaded twice (as two PEFT
+files or as one single file) is stored once, and one relabelled is a new blob. A blob is removed when its
+last row goes. Names are never used as paths.
 """
 
 from __future__ import annotations
