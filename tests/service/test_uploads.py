@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from adapters import AdapterFormatError, to_peft_bytes, to_single_file_bytes
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from service.uploads import content_boundary, parse_multipart, read_capped_body, weights_from_form
+from service.uploads import Part, content_boundary, parse_multipart, read_capped_body, weights_from_form
 
 
 def _request(chunks: list[bytes], headers: dict[str, str] | None = None) -> tuple[Request, list[int]]:
@@ -70,7 +70,7 @@ def test_content_type_must_be_multipart_with_a_boundary():
 
 def test_parse_multipart_fields_and_files():
     body = _form("B", {"adapter_config.json": ("c.json", b"{}"), "note": (None, b"a\r\nb")})
-    assert parse_multipart(body, b"B") == {"adapter_config.json": ("c.json", b"{}"), "note": (None, b"a\r\nb")}
+    assert parse_multipart(body, b"B") == [Part("adapter_config.json", "c.json", b"{}"), Part("note", None, b"a\r\nb")]
 
 
 @pytest.mark.parametrize("body", [
@@ -83,10 +83,12 @@ def test_malformed_forms_are_400(body: bytes):
         parse_multipart(body, b"B")
 
 
-def test_repeated_field_is_400():
+def test_repeated_role_is_400_but_a_repeated_field_name_is_parsed():
     body = _form("B", {"adapter": (None, b"1")}).replace(b"--B--\r\n", b"") + _form("B", {"adapter": (None, b"2")})
+    parts = parse_multipart(body, b"B")  # curl -F file=@a -F file=@b repeats the name: each part is kept
+    assert parts == [Part("adapter", None, b"1"), Part("adapter", None, b"2")]
     with pytest.raises(BadRequest, match="twice"):
-        parse_multipart(body, b"B")
+        weights_from_form(parts)
 
 
 def test_both_forms_parse_to_the_same_weights():
