@@ -127,7 +127,7 @@ def test_unknown_adapter_is_404(bert_client: TestClient):
     r = bert_client.get("/v1/adapters/never-uploaded")
     assert r.status_code == 404
     assert r.json()["error"] == {"message": "adapter 'never-uploaded' not found", "type": "unknown_adapter_error",
-                                 "key": "never-uploaded"}
+                                 "param": "name", "code": "adapter_not_found", "key": "never-uploaded"}
 
 
 @pytest.mark.parametrize("name", ["-bad", ".x", "a" * 129, "sp ace", "base"])
