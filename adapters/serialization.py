@@ -187,11 +187,25 @@ def single_file_from_bytes(data: bytes, *, max_header_bytes: int = MAX_HEADER_BY
 
 
 def to_peft_bytes(weights: LoraWeights) -> tuple[bytes, bytes]:
-    return weights.config.to_json().encode(), st_save(weights.to_state_dict(), metadata=_metadata(weights))
+    return weights.config.to_json().encode(), _save(weights.to_state_dict(), _metadata(weights))
 
 
 def to_single_file_bytes(weights: LoraWeights) -> bytes:
-    return st_save(weights.to_state_dict(), metadata=_metadata(weights, **{METADATA_KEY: weights.config.to_json()}))
+    return _save(weights.to_state_dict(), _metadata(weights, **{METADATA_KEY: weights.config.to_json()}))
+
+
+def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with `__metadata__` in sorted key order. safetensors writes it from a hash map, in an
+    order that changes from one call to the next, and the store names canonical bytes by their sha256."""
+    data = st_save(tensors, metadata=metadata)
+    if len(metadata) < 2:
+        return data
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])  # a dict keeps the tensors' order, which is already fixed
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors pads it: the tensor data stays 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + data[8 + header_len:]
 
 
 # ------------------------------------------------------------------------- files
