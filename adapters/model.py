@@ -51,6 +51,7 @@ class LoraModel:
         self.router = Router()
         self.configs: dict[str, LoraConfig] = {}
         self.detached: dict[str, dict[str, torch.Tensor]] = {}  # modules_to_save the model lacks (heads)
+        self.labels: dict[str, list[str]] = {}  # a resident adapter's classifier label names, if it has them
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self._global_ids: dict[str, int] = {}
@@ -125,6 +126,8 @@ class LoraModel:
             weights = validate_adapter(self.model, weights, max_rank=self.max_rank, allow_detached=allow_detached)
         self._check_conflicts(weights)  # with the adapters resident now, even when validated elsewhere
         self._register(name, weights.config)
+        if weights.labels is not None:
+            self.labels[name] = list(weights.labels)
         try:
             self._install(name, weights)
         except BaseException:
@@ -203,6 +206,7 @@ class LoraModel:
             wrapper.remove_adapter(name)
         del self.configs[name], self._global_ids[name]
         self.detached.pop(name, None)
+        self.labels.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = None
         self.router.version += 1
@@ -316,7 +320,7 @@ class LoraModel:
         saved = {f"{path}.{p}": t.detach().clone() for path, w in self._saved_wrappers().items()
                  for p, t in w.replacements.get(name, {}).items()}
         saved.update(self.detached.get(name, {}))
-        return LoraWeights(self.configs[name], lora, saved)
+        return LoraWeights(self.configs[name], lora, saved, self.labels.get(name))
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """The LoRA matrices of `name` (A and B of every layer); see add_trainable_modules for heads."""

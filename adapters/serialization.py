@@ -1,7 +1,12 @@
 """Reading and writing adapters in PEFT's on-disk format, and in a single-file form.
 
 PEFT directory:  adapter_config.json + adapter_model.safetensors (byte-compatible with PEFT).
-Single file:     one .safetensors whose `__metadata__["adapter_config"]` holds the same JSON.
+Single file:     one .safetensors whose `__metadata__["adapter_config"]` holds the same JSON;
+                 `pack_peft_dir` (or `python -m adapters.pack DIR OUT`) makes it from a directory.
+Label names:     `__metadata__["labels"]`, a JSON list (`["paint", "tool"]`: output j is labels[j]), in
+                 either form. PEFT ignores `__metadata__`, so the files still load in PeftModel. A JSON
+                 object `__metadata__["id2label"]` ({"0": "paint", ...}, as in a transformers config) is
+                 read too.
 
 Nothing here unpickles. Before safetensors touches a buffer, its header is checked by hand: a header
 length beyond the file or the configured limit, offsets outside the data, or sizes that disagree with
@@ -27,12 +32,15 @@ from adapters.weights import LoraWeights
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "METADATA_KEY", "load_peft_dir", "save_peft_dir", "load_single_file",
     "save_single_file", "weights_from_bytes", "single_file_from_bytes", "to_peft_bytes", "to_single_file_bytes",
-    "check_safetensors_header", "looks_pickled", "PICKLE_SUFFIXES",
+    "check_safetensors_header", "looks_pickled", "PICKLE_SUFFIXES", "LABELS_KEY", "parse_labels", "pack_peft_dir",
 ]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 METADATA_KEY = "adapter_config"
+LABELS_KEY = "labels"
+_ID2LABEL_KEY = "id2label"
+MAX_LABELS, MAX_LABEL_CHARS = 100_000, 1024  # far beyond any real classifier; bounds what a header can claim
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # safetensors' own limit is 100 MB; adapters need far less
 
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -116,28 +124,88 @@ def _load_tensors(data: bytes, max_header_bytes: int) -> tuple[dict[str, torch.T
     return tensors, metadata
 
 
+# ------------------------------------------------------------------------- label names
+def parse_labels(value: str | bytes | list | dict) -> list[str]:
+    """Label names from a JSON list (["paint", "tool"]) or an id2label object ({"0": "paint", "1": "tool"}),
+    as text or already parsed; AdapterFormatError naming "labels" unless they are distinct, non-empty strings."""
+    if isinstance(value, str | bytes):
+        try:
+            value = json.loads(value)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise AdapterFormatError(f"labels must be a JSON list of strings: {exc}", key=LABELS_KEY) from None
+    if isinstance(value, dict):  # id2label: every id from 0 to n-1, exactly once
+        try:
+            ids = {int(k): v for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise AdapterFormatError("id2label keys must be the integers 0..n-1", key=LABELS_KEY) from None
+        if sorted(ids) != list(range(len(ids))):
+            raise AdapterFormatError("id2label keys must be the integers 0..n-1", key=LABELS_KEY)
+        value = [ids[i] for i in range(len(ids))]
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_LABELS:
+        raise AdapterFormatError(f"labels must be a JSON list of 1 to {MAX_LABELS} strings", key=LABELS_KEY)
+    if not all(isinstance(v, str) and 0 < len(v) <= MAX_LABEL_CHARS for v in value):
+        raise AdapterFormatError(f"labels must be non-empty strings of at most {MAX_LABEL_CHARS} characters",
+                                 key=LABELS_KEY)
+    if len(set(value)) != len(value):
+        raise AdapterFormatError("labels must be distinct", key=LABELS_KEY)
+    return list(value)
+
+
+def _labels_from(metadata: dict[str, str]) -> list[str] | None:
+    if LABELS_KEY in metadata:
+        return parse_labels(metadata[LABELS_KEY])
+    if _ID2LABEL_KEY in metadata:
+        return parse_labels(metadata[_ID2LABEL_KEY])
+    return None
+
+
+def _metadata(weights: LoraWeights, **extra: str) -> dict[str, str]:
+    metadata = {"format": "pt", **extra}  # "format": "pt" is what PEFT's save_pretrained writes
+    if weights.labels is not None:
+        metadata[LABELS_KEY] = json.dumps(weights.labels, ensure_ascii=False)
+    return metadata
+
+
 # ------------------------------------------------------------------------- from bytes (uploads)
 def weights_from_bytes(config_bytes: bytes | str, model_bytes: bytes, *,
                        max_header_bytes: int = MAX_HEADER_BYTES) -> LoraWeights:
     """A PEFT directory's two files, as bytes."""
     config = LoraConfig.from_json(config_bytes)
-    tensors, _ = _load_tensors(model_bytes, max_header_bytes)
-    return LoraWeights.from_state_dict(config, tensors)
+    tensors, metadata = _load_tensors(model_bytes, max_header_bytes)
+    weights = LoraWeights.from_state_dict(config, tensors)
+    weights.labels = _labels_from(metadata)
+    return weights
 
 
 def single_file_from_bytes(data: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES) -> LoraWeights:
     tensors, metadata = _load_tensors(data, max_header_bytes)
     if METADATA_KEY not in metadata:
         raise AdapterFormatError(f"single-file adapter has no __metadata__[{METADATA_KEY!r}] holding its config")
-    return LoraWeights.from_state_dict(LoraConfig.from_json(metadata[METADATA_KEY]), tensors)
+    weights = LoraWeights.from_state_dict(LoraConfig.from_json(metadata[METADATA_KEY]), tensors)
+    weights.labels = _labels_from(metadata)
+    return weights
 
 
 def to_peft_bytes(weights: LoraWeights) -> tuple[bytes, bytes]:
-    return weights.config.to_json().encode(), st_save(weights.to_state_dict(), metadata={"format": "pt"})
+    return weights.config.to_json().encode(), _save(weights.to_state_dict(), _metadata(weights))
 
 
 def to_single_file_bytes(weights: LoraWeights) -> bytes:
-    return st_save(weights.to_state_dict(), metadata={"format": "pt", METADATA_KEY: weights.config.to_json()})
+    return _save(weights.to_state_dict(), _metadata(weights, **{METADATA_KEY: weights.config.to_json()}))
+
+
+def _save(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with `__metadata__` in sorted key order. safetensors writes it from a hash map, in an
+    order that changes from one call to the next, and the store names canonical bytes by their sha256."""
+    data = st_save(tensors, metadata=metadata)
+    if len(metadata) < 2:
+        return data
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])  # a dict keeps the tensors' order, which is already fixed
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # as safetensors pads it: the tensor data stays 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + data[8 + header_len:]
 
 
 # ------------------------------------------------------------------------- files
@@ -178,3 +246,8 @@ def save_single_file(weights: LoraWeights, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.write_bytes(to_single_file_bytes(weights))
     return path
+
+
+def pack_peft_dir(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A PEFT directory (what save_pretrained or lora-train wrote) as one single-file .safetensors."""
+    return save_single_file(load_peft_dir(src), out)

@@ -179,8 +179,8 @@ def validate_adapter(model: nn.Module, weights: LoraWeights, *, max_rank: int | 
             shape = None if target is None else tuple(target.shape)
             raise AdapterMismatchError(f"{full_key}: shape {tuple(t.shape)}, base has {shape}", key=full_key)
         saved[f"{resolved}.{param}"] = t
-    _check_detached_head(model, saved, modules)
-    return LoraWeights(_pin_patterns(weights.config, pins), lora, saved)
+    _check_detached_head(model, saved, modules, weights.labels)
+    return LoraWeights(_pin_patterns(weights.config, pins), lora, saved, weights.labels)
 
 
 def _check_targeted(config: LoraConfig, path: str, key: str) -> None:
@@ -195,9 +195,15 @@ def _check_targeted(config: LoraConfig, path: str, key: str) -> None:
                                    "would ignore this tensor", key=key)
 
 
-def _check_detached_head(model: nn.Module, saved: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> None:
+def _check_detached_head(model: nn.Module, saved: dict[str, torch.Tensor], modules: dict[str, nn.Module],
+                         labels: list[str] | None = None) -> None:
     """A classifier head the model lacks is applied to the pooled output as `pooled @ W.T + b`, so its
-    shapes are checked now, not at the first classify request: W (labels, hidden) and b (labels,)."""
+    shapes are checked now, not at the first classify request: W (labels, hidden) and b (labels,).
+    Label names the adapter carries must name every output of its own head, no more, no fewer."""
+    head = saved.get("classifier.weight", saved.get("score.weight"))
+    if labels is not None and head is not None and head.dim() >= 1 and len(labels) != head.shape[0]:
+        raise AdapterMismatchError(f"labels: {len(labels)} names for a classifier head with {head.shape[0]} outputs",
+                                   key="labels")
     detached = {k: t for k, t in saved.items() if k.rpartition(".")[0] not in modules}
     w, b = detached.get("classifier.weight"), detached.get("classifier.bias")
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)

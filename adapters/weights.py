@@ -5,6 +5,9 @@
     base_model.model.<modules_to_save path>.<param> full tensor (e.g. a classifier head)
 
 No adapter name appears in the keys, exactly as PEFT's `save_pretrained` writes them.
+
+`labels` (a classifier's label names, in output order) is not a tensor: serialization carries it in the
+safetensors header's `__metadata__`, which PEFT ignores, so the files stay loadable by PEFT.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class LoraWeights:
     config: LoraConfig
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r))
     modules_to_save: dict[str, torch.Tensor] = field(default_factory=dict)  # "classifier.weight" -> tensor
+    labels: list[str] | None = None  # a classifier's label names, output j -> labels[j]
 
     # ---------------------------------------------------------------- PEFT keys
     def to_state_dict(self) -> dict[str, torch.Tensor]:
@@ -105,7 +109,7 @@ class LoraWeights:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         return LoraWeights(self.config, {p: (move(a), move(b)) for p, (a, b) in self.lora.items()},
-                           {k: move(t) for k, t in self.modules_to_save.items()})
+                           {k: move(t) for k, t in self.modules_to_save.items()}, self.labels)
 
 
 def _is_saved_module(rest: str, modules_to_save: list[str] | None) -> bool:

@@ -40,7 +40,7 @@ _DESCRIPTION = """One frozen base model, many small LoRA adapters in PEFT format
 
 Upload adapters with `PUT /v1/adapters/{name}`, then name one in the `model` field of an
 OpenAI-compatible inference request (`base` for none). Errors are JSON:
-`{"error": {"message": ..., "type": ..., "key": ...}}`.
+`{"error": {"message": ..., "type": ..., "param": ..., "code": ..., "key": ...}}` (OpenAI's shape, plus `key`).
 """
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas import GenerationRequest, Usage
+from service.schemas import MAX_TOP_LOGPROBS, GenerationRequest, Usage
 
 __all__ = ["ChatMessage", "ChatCompletionRequest", "ChatCompletionResponse", "ChatChoice", "ChatLogprobs",
            "ChatTokenLogprob", "ChatTopLogprob", "ChatResponseMessage"]
@@ -41,7 +41,8 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=0, le=8192, description="null: up to the model's context")
     max_tokens: int | None = Field(None, ge=0, le=8192, description="The older name of max_completion_tokens")
     logprobs: bool = Field(False, description="Each generated token's logprob")
-    top_logprobs: int | None = Field(None, ge=0, le=5, description="With logprobs: the n likeliest tokens at each step")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="With logprobs: the n likeliest tokens at each step")
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -18,17 +18,22 @@ __all__ = [
     "ComposeRequest", "ComposeResponse", "StateResponse", "CompletionRequest", "CompletionLogprobs",
     "CompletionChoice", "Usage", "CompletionResponse", "EmbeddingRequest", "Embedding", "EmbeddingResponse",
     "ClassifyRequest", "LabelScore", "Classification", "ClassifyResponse", "ModelCard", "ModelList", "Health",
-    "StreamOptions", "GenerationRequest", "only_neutral", "EmbeddingInfo",
+    "StreamOptions", "GenerationRequest", "only_neutral", "EmbeddingInfo", "MAX_TOP_LOGPROBS",
 ]
 
 MAX_INPUTS = 2048  # texts per embeddings/classify request, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # alternatives per generated token, as OpenAI allows (chat top_logprobs, completions logprobs)
 Texts = str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
 
 
 # ------------------------------------------------------------------------------------- errors
 class ErrorDetail(BaseModel):
+    """OpenAI's error object (message, type, param, code), plus `key`, kept for older clients."""
+
     message: str
     type: str = Field(examples=["adapter_mismatch_error"])
+    param: str | None = Field(None, description="The offending request field, tensor key or config field, if any")
+    code: str = Field(examples=["model_not_found"], description="A short, stable machine-readable code")
     key: str | None = Field(None, description="The offending tensor key, config field or request field, if any")
 
 
@@ -174,8 +179,9 @@ class GenerationRequest(BaseModel):
 class CompletionRequest(GenerationRequest):
     prompt: Texts = Field(description="A prompt, or a list of prompts (one choice each)")
     max_tokens: int = Field(16, ge=0, le=8192, description="null means the default, 16 (as OpenAI's)")
-    logprobs: int | None = Field(None, ge=0, le=5, description="Each sampled token's logprob, and the `logprobs` "
-                                 "most likely tokens at each position (top_logprobs)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="Each sampled token's logprob, and the `logprobs` most likely tokens "
+                                             "at each position (top_logprobs)")
     echo: bool = Field(False, description="Not supported: only false")
     best_of: int | None = Field(None, description="Not supported: only 1")
     suffix: str | None = Field(None, description="Not supported: only null")

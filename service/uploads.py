@@ -7,13 +7,19 @@ unbounded body to disk. Two forms are accepted:
 
     adapter_config.json + adapter_model.safetensors    a PEFT directory's two files
     adapter                                            the single-file safetensors form
+    labels (optional, either form)                     a JSON list of label names; overrides the files' own
 
-Pickle files (`adapter_model.bin`, `.pt`, ...) are refused with 415 and never unpickled.
+The two PEFT files are recognised by their field name or by the part's filename, so posting every file
+of a directory as `save_pretrained` writes it (`-F file=@dir/README.md -F file=@dir/adapter_config.json
+...`) works: other text files (README.md, *.txt, *.json, ...) are ignored. Pickle files
+(`adapter_model.bin`, `.pt`, ...) are refused with 415 and never unpickled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -21,14 +27,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from adapters import LoraWeights, single_file_from_bytes, weights_from_bytes
-from adapters.serialization import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, looks_pickled
-from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from adapters.serialization import CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, looks_pickled, parse_labels
+from service.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
 __all__ = ["content_boundary", "read_capped_body", "parse_multipart", "weights_from_form", "read_adapter_upload",
-           "SINGLE_FIELD"]
+           "SINGLE_FIELD", "LABELS_FIELD", "Part", "check_label_count"]
 
 SINGLE_FIELD = "adapter"
-_MAX_PARTS = 8
+LABELS_FIELD = "labels"
+_ROLES = (CONFIG_NAME, WEIGHTS_NAME, SINGLE_FIELD, LABELS_FIELD)
+# Companions a saved adapter directory holds (save_pretrained's README.md, lora-train's training_report.json).
+_IGNORED_SUFFIXES = (".md", ".txt", ".json", ".yaml", ".yml", ".toml", ".cfg", ".ini", ".rst")
+_MAX_PARTS = 16
 _MAX_BOUNDARY = 70  # RFC 2046, section 5.1.1
 
 
@@ -86,8 +96,15 @@ class _Part:
                 filename.decode("utf-8", "replace") if filename is not None else None)
 
 
-def parse_multipart(body: bytes, boundary: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """{field name: (filename, bytes)}; 400 on a malformed or truncated form or a repeated field."""
+class Part(NamedTuple):
+    name: str
+    filename: str | None
+    data: bytes
+
+
+def parse_multipart(body: bytes, boundary: bytes) -> list[Part]:
+    """The form's parts in order; 400 on a malformed or truncated form. A field name may repeat (curl -F
+    file=@a -F file=@b): which part is which file is decided by `weights_from_form`."""
     parts: list[_Part] = []
     header_field, header_value = bytearray(), bytearray()
     ended = False
@@ -122,37 +139,82 @@ def parse_multipart(body: bytes, boundary: bytes) -> dict[str, tuple[str | None,
         raise BadRequest(f"malformed multipart body: {exc}") from None
     if not ended:
         raise BadRequest("truncated multipart body (no closing boundary)")
-    fields: dict[str, tuple[str | None, bytes]] = {}
+    fields: list[Part] = []
     for part in parts:
         name, filename = part.disposition()
         if name is None:
             raise BadRequest("a multipart part has no Content-Disposition: form-data; name=...")
-        if name in fields:
-            raise BadRequest(f"the form field {name!r} appears twice")
-        fields[name] = (filename, bytes(part.data))
+        fields.append(Part(name, filename, bytes(part.data)))
     return fields
 
 
-def _refuse_pickle(fields: dict[str, tuple[str | None, bytes]]) -> None:
-    for name, (filename, data) in fields.items():
-        labels = [name] + ([filename] if filename else [])
-        if any(label.lower().endswith(PICKLE_SUFFIXES) for label in labels) or looks_pickled(data):
-            raise UnsupportedMediaType(f"field {name!r} holds a pickle/torch.save file; only safetensors is accepted "
-                                       f"(send {WEIGHTS_NAME!r}; pickles are never unpickled)", key=name)
+def _basename(filename: str | None) -> str:
+    return (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
 
 
-def weights_from_form(fields: dict[str, tuple[str | None, bytes]]) -> LoraWeights:
-    """The adapter in the form; AdapterError (422) when its files are not a valid adapter."""
-    _refuse_pickle(fields)
-    names = set(fields)
-    if names == {SINGLE_FIELD}:
-        return single_file_from_bytes(fields[SINGLE_FIELD][1])
-    if names == {CONFIG_NAME, WEIGHTS_NAME}:
-        return weights_from_bytes(fields[CONFIG_NAME][1], fields[WEIGHTS_NAME][1])
-    missing = sorted({CONFIG_NAME, WEIGHTS_NAME} - names) if SINGLE_FIELD not in names else []
-    raise BadRequest(f"the form must hold either the fields {CONFIG_NAME!r} and {WEIGHTS_NAME!r} (a PEFT directory) "
-                     f"or the one field {SINGLE_FIELD!r} (single-file safetensors); got {sorted(names)}"
-                     + (f", missing {missing}" if missing and names & {CONFIG_NAME, WEIGHTS_NAME} else ""))
+def _refuse_pickle(parts: list[Part]) -> None:
+    for name, filename, data in parts:
+        names = [name, _basename(filename)]
+        if any(n.lower().endswith(PICKLE_SUFFIXES) for n in names if n) or looks_pickled(data):
+            raise UnsupportedMediaType(f"part {filename or name!r} holds a pickle/torch.save file; only safetensors "
+                                       f"is accepted (send {WEIGHTS_NAME!r}; pickles are never unpickled)", key=name)
+
+
+def _role(part: Part) -> str | None:
+    """Which of our inputs a part is: by field name, else by filename (curl -F file=@dir/adapter_config.json)."""
+    if part.name in _ROLES:
+        return part.name
+    base = _basename(part.filename)
+    return base if base in (CONFIG_NAME, WEIGHTS_NAME) else None
+
+
+def _sort_parts(parts: list[Part]) -> dict[str, bytes]:
+    """{role: bytes}; ignores harmless text companions, 400 for anything else unknown or a role given twice."""
+    found: dict[str, bytes] = {}
+    for part in parts:
+        role = _role(part)
+        if role is None:
+            label = _basename(part.filename) or part.name
+            if label.lower().endswith(_IGNORED_SUFFIXES):
+                continue  # README.md, training_report.json, ...: not ours, and harmless
+            raise BadRequest(f"unexpected form part {label!r}: send {CONFIG_NAME!r} and {WEIGHTS_NAME!r} (as field "
+                             f"names or filenames), or {SINGLE_FIELD!r}; text files (.md, .txt, .json) are ignored",
+                             key=part.name)
+        if role in found:
+            raise BadRequest(f"the form holds {role!r} twice", key=role)
+        found[role] = part.data
+    return found
+
+
+def weights_from_form(parts: Iterable[Part] | Mapping[str, tuple[str | None, bytes]]) -> LoraWeights:
+    """The adapter in the form; AdapterError (422) when its files are not a valid adapter. A `labels` part
+    (a JSON list) replaces the label names the files carry."""
+    if isinstance(parts, Mapping):  # {field name: (filename, bytes)}
+        parts = [Part(name, filename, data) for name, (filename, data) in parts.items()]
+    parts = list(parts)
+    _refuse_pickle(parts)
+    found = _sort_parts(parts)
+    files = set(found) - {LABELS_FIELD}
+    if files == {SINGLE_FIELD}:
+        weights = single_file_from_bytes(found[SINGLE_FIELD])
+    elif files == {CONFIG_NAME, WEIGHTS_NAME}:
+        weights = weights_from_bytes(found[CONFIG_NAME], found[WEIGHTS_NAME])
+    else:
+        missing = sorted({CONFIG_NAME, WEIGHTS_NAME} - files) if SINGLE_FIELD not in files else []
+        raise BadRequest(f"the form must hold either {CONFIG_NAME!r} and {WEIGHTS_NAME!r} (a PEFT directory, as field "
+                         f"names or filenames) or the one field {SINGLE_FIELD!r} (single-file safetensors); got "
+                         f"{sorted(files)}" + (f", missing {missing}" if missing and files else ""))
+    if LABELS_FIELD in found:
+        weights.labels = parse_labels(found[LABELS_FIELD])
+    return weights
+
+
+def check_label_count(weights: LoraWeights, base_labels: list[str] | None) -> None:
+    """On a classifier base every adapter answers with the base's outputs, so its label names must name them
+    all (an adapter's own head is checked against its names in validation)."""
+    if weights.labels is not None and base_labels is not None and len(weights.labels) != len(base_labels):
+        raise Unprocessable(f"labels: {len(weights.labels)} names, but the base model classifies into "
+                            f"{len(base_labels)} labels", key=LABELS_FIELD)
 
 
 async def read_adapter_upload(request: Request, boundary: bytes, limit: int) -> LoraWeights:

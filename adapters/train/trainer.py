@@ -158,7 +158,7 @@ def train(args: TrainArgs, log=print) -> TrainResult:
         if not base_unchanged:  # a bug, never a user error: say so loudly rather than write a wrong adapter
             raise RuntimeError("the frozen base changed during LoRA training")
     out = Path(args.out)
-    weights, files = _save(setup, model, tokenizer, out)
+    weights, files = _save(setup, model, tokenizer, out, labels)
     checkpoint_bytes = sum((out / f).stat().st_size for f in files)
     return TrainResult(
         mode=args.mode, task=args.task, out=str(out), labels=labels, epochs=epochs,
@@ -169,12 +169,15 @@ def train(args: TrainArgs, log=print) -> TrainResult:
         total_seconds=time.perf_counter() - started, model=model, lora=setup.lora, weights=weights)
 
 
-def _save(setup: modes.Setup, model: nn.Module, tokenizer, out: Path) -> tuple[LoraWeights | None, list[str]]:
+def _save(setup: modes.Setup, model: nn.Module, tokenizer, out: Path, labels: list[str] | None = None
+          ) -> tuple[LoraWeights | None, list[str]]:
     """(adapter weights or None, the checkpoint's files). The tokenizer is saved beside a full
-    checkpoint, so it runs on its own, but not counted in its bytes."""
+    checkpoint, so it runs on its own, but not counted in its bytes. A classifier adapter carries its
+    label names in the safetensors metadata, so a service answers with them instead of LABEL_<i>."""
     out.mkdir(parents=True, exist_ok=True)
     if setup.lora is not None:
         weights = setup.lora.get_weights(modes.ADAPTER_NAME)
+        weights.labels = [str(label) for label in labels] if labels else None  # JSON data may hold ints
         save_peft_dir(weights, out)
         return weights, [CONFIG_NAME, WEIGHTS_NAME]
     model.save_pretrained(str(out))

@@ -42,14 +42,15 @@ class UploadError(RuntimeError):
 
 
 def _detail(response: Any) -> str:
-    """The service's own message: {"error": {"message", "type", "key"}} here, {"detail": ...} elsewhere."""
+    """The service's own message: {"error": {"message", "type", "code", "param", ...}} here, {"detail": ...}
+    elsewhere."""
     try:
         body = response.json()
     except ValueError:
         return response.text.strip()[:2000] or "(empty body)"
     error = body.get("error", body.get("detail")) if isinstance(body, dict) else None
     if isinstance(error, dict) and "message" in error:
-        extra = ", ".join(f"{k}={error[k]}" for k in ("type", "key") if error.get(k))
+        extra = ", ".join(f"{k}={error[k]}" for k in ("type", "code", "key") if error.get(k))
         return f"{error['message']} ({extra})" if extra else str(error["message"])
     if isinstance(error, str):
         return error

@@ -84,14 +84,16 @@ def classify_rows(lm: LoraModel, base: LoadedBase, ids: list[list[int]], names: 
                   ) -> tuple[list[list[dict]], list[int]]:
     """Softmax over a classifier: the base's own head (with modules_to_save replacements routed per
     row), or, on a bare encoder, the adapter's detached `classifier` tensors applied to the pooled
-    output exactly as *ForSequenceClassification does."""
+    output exactly as *ForSequenceClassification does. An adapter's own label names (carried in its
+    files) name the outputs when their count fits; else the base's id2label, else LABEL_<j>."""
     enc = collate(base, ids)
     with routing(lm, names):
         out = base.model(**enc)
     tokens = enc["attention_mask"].sum(1).tolist()  # per row
     if base.task == "classify":
         probs = out.logits.float().softmax(-1)  # (B, num_labels)
-        return [_ranked(p, base.labels) for p in probs], tokens
+        return [_ranked(p, _labels(lm, name, len(p)) or base.labels) for p, name in zip(probs, names, strict=True)
+                ], tokens
     pooled = getattr(out, "pooler_output", None)
     if pooled is None:
         pooled = _mean_pool(out.last_hidden_state, enc["attention_mask"])
@@ -102,8 +104,14 @@ def classify_rows(lm: LoraModel, base: LoadedBase, ids: list[list[int]], names: 
         if w is None:
             check_classify(lm, base, name)  # raises: the engine checks before batching, this is a backstop
         logits = pooled[i].to(w.dtype) @ w.T + (b if b is not None else 0)  # (H,) @ (H, labels) -> (labels,)
-        results.append(_ranked(logits.float().softmax(-1), None))
+        results.append(_ranked(logits.float().softmax(-1), _labels(lm, name, len(logits))))
     return results, tokens
+
+
+def _labels(lm: LoraModel, adapter: str | None, outputs: int) -> list[str] | None:
+    """The adapter's own label names, if it carries them and they name exactly `outputs` classes."""
+    own = lm.labels.get(adapter or "")
+    return own if own is not None and len(own) == outputs else None
 
 
 def _ranked(probs: torch.Tensor, labels: list[str] | None) -> list[dict]:

@@ -18,7 +18,7 @@ _DESCRIPTIONS = {
     404: "Unknown adapter or file",
     409: "The adapter name is taken (use ?overwrite=true)",
     413: "The upload exceeds max_upload_bytes",
-    415: "Not multipart/form-data, or a pickle file",
+    415: "Not multipart/form-data (uploads) or not application/json (JSON bodies), or a pickle file",
     422: "Invalid name, request or adapter (bad files, unsupported feature, mismatch with the base, rank too large)",
     503: "The engine is not ready",
 }
@@ -33,4 +33,4 @@ def inference_router() -> APIRouter:
     """A router for OpenAI-compatible inference routes (completions, embeddings, chat, ...): one definition of
     who may call them (inference or admin keys) and of the errors they document."""
     return APIRouter(prefix="/v1", tags=["inference"], dependencies=[RequireInference],
-                     responses=error_responses(400, 401, 404, 422, 503))
+                     responses=error_responses(400, 401, 404, 415, 422, 503))

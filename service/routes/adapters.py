@@ -13,7 +13,7 @@ from service.operations import delete_adapter, refuse_if_taken, store_adapter
 from service.routes import error_responses
 from service.schemas import AdapterInfo, AdapterList, DeletedAdapter, StateResponse
 from service.storage import FILENAMES, NAME_PATTERN
-from service.uploads import SINGLE_FIELD, content_boundary, read_adapter_upload
+from service.uploads import LABELS_FIELD, SINGLE_FIELD, check_label_count, content_boundary, read_adapter_upload
 
 __all__ = ["router"]
 
@@ -23,14 +23,18 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"], dependencies=[Requi
 Name = Annotated[str, Path(pattern=NAME_PATTERN, description=f"Adapter name, matching {NAME_PATTERN}")]
 
 _binary = {"type": "string", "format": "binary"}
+_labels = {"type": "string", "description": "Optional: the classifier's label names as a JSON list "
+                                            '(["paint", "tool"]); replaces those the files carry '
+                                            '(safetensors __metadata__ "labels")'}
 _UPLOAD_BODY = {
     "required": True,
     "content": {"multipart/form-data": {"schema": {"oneOf": [
         {"title": "PEFT directory", "type": "object", "required": [CONFIG_NAME, WEIGHTS_NAME],
-         "properties": {CONFIG_NAME: _binary, WEIGHTS_NAME: _binary}},
+         "properties": {CONFIG_NAME: _binary, WEIGHTS_NAME: _binary, LABELS_FIELD: _labels}},
         {"title": "Single file", "type": "object", "required": [SINGLE_FIELD],
          "properties": {SINGLE_FIELD: {**_binary, "description": "safetensors whose __metadata__ holds "
-                                                                 "adapter_config as JSON"}}},
+                                                                 "adapter_config as JSON"},
+                        LABELS_FIELD: _labels}},
     ]}}},
 }
 
@@ -41,12 +45,14 @@ async def upload_adapter(name: Name, request: Request, store: StoreDep, engine: 
                          settings: SettingsDep, metrics: MetricsDep,
                          overwrite: Annotated[bool, Query(description="Store a new version if the name exists")] = False
                          ) -> AdapterInfo:
-    """A PEFT adapter as its two files, or in single-file form. It is validated in full against the
+    """A PEFT adapter as its two files (by field name or filename; other text files such as README.md are
+    ignored), or in single-file form, with an optional `labels` field. It is validated in full against the
     base model (every key, shape, rank ≤ max_rank, finite values) before it is stored."""
     boundary = content_boundary(request)  # 415 before anything else is read
     await refuse_if_taken(store, name, overwrite)  # 409 before the body is read
     try:
         weights = await read_adapter_upload(request, boundary, int(settings.max_upload_bytes))
+        check_label_count(weights, base.labels)
     except Exception:
         metrics.uploads.labels(outcome="rejected").inc()
         raise

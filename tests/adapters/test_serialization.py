@@ -235,3 +235,41 @@ def test_pickles_and_zips_are_still_recognised():
     assert looks_pickled(pickle.dumps({"a": 1}, protocol=2)) and looks_pickled(pickle.dumps([1] * 300, protocol=4))
     assert looks_pickled(b"PK\x03\x04" + b"\0" * 100)
     assert not looks_pickled(b"PKxx") and not looks_pickled(b"")
+
+
+# ---------------------------------------------------------------------------------------- label names
+def test_labels_travel_in_the_safetensors_metadata_of_both_forms(weights, tmp_path):
+    weights.labels = ["paint", "tool"]
+    config_bytes, model_bytes = to_peft_bytes(weights)
+    assert _header(model_bytes)["__metadata__"]["labels"] == '["paint", "tool"]'
+    assert json.loads(config_bytes).keys().isdisjoint({"labels", "id2label"})  # PEFT's config stays PEFT's
+    assert weights_from_bytes(config_bytes, model_bytes).labels == ["paint", "tool"]
+    assert single_file_from_bytes(to_single_file_bytes(weights)).labels == ["paint", "tool"]
+    assert load_peft_dir(save_peft_dir(weights, tmp_path / "d")).labels == ["paint", "tool"]
+    weights.labels = None  # no names: the bytes are what they were before labels existed
+    assert "labels" not in _header(to_peft_bytes(weights)[1])["__metadata__"]
+
+
+def test_id2label_metadata_is_read_and_bad_labels_are_refused(weights):
+    config_bytes, model_bytes = to_peft_bytes(weights)
+    tensors = weights.to_state_dict()
+    as_id2label = st_save(tensors, metadata={"format": "pt", "id2label": '{"1": "tool", "0": "paint"}'})
+    assert weights_from_bytes(config_bytes, as_id2label).labels == ["paint", "tool"]
+    for bad in ('"paint"', '["paint", "paint"]', '["paint", ""]', "[1, 2]", "[]", "{oops", '{"0": "a", "2": "b"}'):
+        with pytest.raises(AdapterFormatError) as info:
+            weights_from_bytes(config_bytes, st_save(tensors, metadata={"format": "pt", "labels": bad}))
+        assert info.value.key == "labels", bad
+
+
+def test_pack_makes_the_single_file_form_of_a_directory(weights, tmp_path, capsys):
+    from adapters.pack import main
+
+    weights.labels = ["paint", "tool"]
+    save_peft_dir(weights, tmp_path / "d")
+    assert main([str(tmp_path / "d"), str(tmp_path / "one.safetensors")]) == 0
+    packed = load_single_file(tmp_path / "one.safetensors")
+    _assert_same(packed, weights)
+    assert packed.labels == ["paint", "tool"]
+    assert (tmp_path / "one.safetensors").read_bytes() == to_single_file_bytes(weights)
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x.safetensors")]) == 2
+    assert "has no adapter_model.safetensors" in capsys.readouterr().err

@@ -33,6 +33,7 @@ def test_status_of(exc: Exception, status: int):
 def test_error_body_names_the_key():
     body = error_body(AdapterMismatchError("shape (4, 16), expected (4, 32)", key="base_model.model.q.lora_A.weight"))
     assert body == {"error": {"message": "shape (4, 16), expected (4, 32)", "type": "adapter_mismatch_error",
+                              "param": "base_model.model.q.lora_A.weight", "code": "adapter_mismatch",
                               "key": "base_model.model.q.lora_A.weight"}}
     assert error_body(UnknownAdapterError("adapter 'x' not found", key="x"))["error"]["message"] == \
         "adapter 'x' not found"
@@ -42,7 +43,7 @@ def test_framework_errors_use_the_same_shape(bert_client: TestClient):
     r = bert_client.get("/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     r = bert_client.patch("/v1/adapters")
-    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "key"}
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code", "key"}
     r = bert_client.post("/v1/embeddings", content=b"not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["type"] == "validation_error"
     r = bert_client.post("/v1/embeddings", json={"model": "base", "input": 5})

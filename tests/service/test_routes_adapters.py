@@ -67,6 +67,17 @@ def test_upload_files_written_by_peft(bert_client: TestClient, model_dirs, tmp_p
     r = bert_client.put(f"/v1/adapters/{unique}", files=files)
     assert r.status_code == 201, r.text
     assert r.json()["rank"] == 4
+    # Every file of the directory, as `curl -F file=@dir/<each>` sends it: README.md is there and ignored,
+    # the two files are found by their filenames; the same adapter, so the same stored bytes.
+    assert (tmp_path / "README.md").is_file()
+    every = [("file", (p.name, p.read_bytes())) for p in sorted(tmp_path.iterdir())]
+    again = bert_client.put(f"/v1/adapters/{unique}-all", files=every)
+    assert again.status_code == 201, again.text
+    assert again.json()["sha256"] == r.json()["sha256"]
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle beside them is still refused
+    every = [("file", (p.name, p.read_bytes())) for p in sorted(tmp_path.iterdir())]
+    refused = bert_client.put(f"/v1/adapters/{unique}-bin", files=every)
+    assert refused.status_code == 415 and refused.json()["error"]["code"] == "unsupported_media_type"
 
 
 def test_download_returns_the_stored_peft_files(bert_client: TestClient, unique: str):
@@ -127,7 +138,7 @@ def test_unknown_adapter_is_404(bert_client: TestClient):
     r = bert_client.get("/v1/adapters/never-uploaded")
     assert r.status_code == 404
     assert r.json()["error"] == {"message": "adapter 'never-uploaded' not found", "type": "unknown_adapter_error",
-                                 "key": "never-uploaded"}
+                                 "param": "name", "code": "adapter_not_found", "key": "never-uploaded"}
 
 
 @pytest.mark.parametrize("name", ["-bad", ".x", "a" * 129, "sp ace", "base"])

@@ -60,6 +60,11 @@ def test_logprobs_in_the_chat_shape(chat_client: TestClient):
     assert _chat(chat_client)["choices"][0]["logprobs"] is None
 
 
+def test_top_logprobs_go_up_to_20_as_openais(chat_client: TestClient):
+    lp = _chat(chat_client, logprobs=True, top_logprobs=20)["choices"][0]["logprobs"]["content"]
+    assert lp and all(5 < len(t["top_logprobs"]) <= 20 for t in lp)
+
+
 def test_a_streamed_chat_equals_the_plain_answer(chat_client: TestClient):
     plain = _chat(chat_client, max_completion_tokens=10)
     body = {"model": "chat-a", "messages": MESSAGES, "temperature": 0, "max_tokens": 10, "stream": True,
@@ -87,7 +92,7 @@ def test_without_a_limit_the_answer_may_fill_the_context(chat_client: TestClient
 def test_chat_refusals(chat_client: TestClient):
     assert chat_client.post("/v1/chat/completions", json={"model": "never-uploaded", "messages": MESSAGES}
                             ).status_code == 404
-    for bad in ({"messages": []}, {"n": 2}, {"presence_penalty": 1}, {"top_logprobs": 9},
+    for bad in ({"messages": []}, {"n": 2}, {"presence_penalty": 1}, {"top_logprobs": 21},
                 {"messages": [{"role": "tool", "content": "x"}]},
                 {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
                 {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):

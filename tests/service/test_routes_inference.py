@@ -133,7 +133,7 @@ def test_stream_errors_come_before_the_stream(gpt2_client: TestClient):
     {"model": "base", "prompt": "x", "temperature": 3},
     {"model": "base", "prompt": "x", "top_p": 0},
     {"model": "base", "prompt": "x", "max_tokens": -1},
-    {"model": "base", "prompt": "x", "logprobs": 9},
+    {"model": "base", "prompt": "x", "logprobs": 21},  # OpenAI allows up to 20
     {"model": "base", "prompt": "x", "n": 2},
     {"model": "base", "prompt": []},
     {"model": "base", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]},

@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from adapters import AdapterFormatError, to_peft_bytes, to_single_file_bytes
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from service.uploads import content_boundary, parse_multipart, read_capped_body, weights_from_form
+from service.uploads import SINGLE_FIELD, Part, content_boundary, parse_multipart, read_capped_body, weights_from_form
 
 
 def _request(chunks: list[bytes], headers: dict[str, str] | None = None) -> tuple[Request, list[int]]:
@@ -70,7 +70,7 @@ def test_content_type_must_be_multipart_with_a_boundary():
 
 def test_parse_multipart_fields_and_files():
     body = _form("B", {"adapter_config.json": ("c.json", b"{}"), "note": (None, b"a\r\nb")})
-    assert parse_multipart(body, b"B") == {"adapter_config.json": ("c.json", b"{}"), "note": (None, b"a\r\nb")}
+    assert parse_multipart(body, b"B") == [Part("adapter_config.json", "c.json", b"{}"), Part("note", None, b"a\r\nb")]
 
 
 @pytest.mark.parametrize("body", [
@@ -83,10 +83,12 @@ def test_malformed_forms_are_400(body: bytes):
         parse_multipart(body, b"B")
 
 
-def test_repeated_field_is_400():
+def test_repeated_role_is_400_but_a_repeated_field_name_is_parsed():
     body = _form("B", {"adapter": (None, b"1")}).replace(b"--B--\r\n", b"") + _form("B", {"adapter": (None, b"2")})
+    parts = parse_multipart(body, b"B")  # curl -F file=@a -F file=@b repeats the name: each part is kept
+    assert parts == [Part("adapter", None, b"1"), Part("adapter", None, b"2")]
     with pytest.raises(BadRequest, match="twice"):
-        parse_multipart(body, b"B")
+        weights_from_form(parts)
 
 
 def test_both_forms_parse_to_the_same_weights():
@@ -121,3 +123,29 @@ def test_wrong_fields_are_400_and_bad_files_422():
     header = b'{"a": ' + deep + b"}"
     with pytest.raises(AdapterFormatError, match="nested too deeply"):
         weights_from_form({"adapter": (None, len(header).to_bytes(8, "little") + header)})
+
+
+def test_parts_are_found_by_filename_and_text_companions_are_ignored():
+    weights = make_adapter(BERT_TARGETS, seed=4)
+    config, model = to_peft_bytes(weights)
+    parts = [Part("file", "README.md", b"# card"), Part("file", "dir/adapter_config.json", config),
+             Part("file", "adapter_model.safetensors", model), Part("file", "training_report.json", b"{}"),
+             Part("notes", "notes.txt", b"hi")]
+    assert to_peft_bytes(weights_from_form(parts)) == (config, model)
+    with pytest.raises(BadRequest, match="unexpected form part 'logo.png'"):
+        weights_from_form(parts + [Part("file", "logo.png", b"\x89PNG")])
+    with pytest.raises(BadRequest, match="twice"):  # one by field name, one by filename
+        weights_from_form(parts + [Part("adapter_config.json", None, config)])
+    with pytest.raises(UnsupportedMediaType):  # a pickle is refused whatever its name claims
+        weights_from_form(parts + [Part("file", "extra.json", b"\x80\x04K\x01.")])
+    with pytest.raises(UnsupportedMediaType):
+        weights_from_form(parts + [Part("file", "adapter_model.pth", b"anything")])
+
+
+def test_a_labels_part_sets_the_label_names():
+    weights = make_adapter(BERT_TARGETS, seed=4)
+    parts = [Part(SINGLE_FIELD, "a.safetensors", to_single_file_bytes(weights)), Part("labels", None, b'["x", "y"]')]
+    assert weights_from_form(parts).labels == ["x", "y"]
+    with pytest.raises(AdapterFormatError) as info:
+        weights_from_form(parts[:1] + [Part("labels", None, b'{"0": "x", "2": "y"}')])
+    assert info.value.key == "labels"
