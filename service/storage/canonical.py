@@ -4,8 +4,9 @@
                                         │
                                         └── AdapterStore.put(name, adapter)  (no tensors below this line)
 
-The bytes are `adapters.to_peft_bytes` (sorted JSON, safetensors), so the same adapter uploaded as two
-PEFT files or as one single file has one digest and is stored once.
+The bytes are `adapters.to_peft_bytes`: the config rewritten as sorted JSON with only the fields PEFT and this
+service use, the tensors as safetensors with any label names in its `__metadata__`. So the same adapter uploaded
+as two PEFT files or as one single file has one digest and is stored once, and one relabelled is a new blob.
 """
 
 from __future__ import annotations
