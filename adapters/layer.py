@@ -219,7 +219,9 @@ class LoraLinear(nn.Module):
         (B, T, H) to (B·T, H) (OPT's MLP, Qwen2-MoE's shared expert); k for a batch that beam search expanded
         to k·B with repeat_interleave. Row j then belongs to routed row j // k, whichever it is."""
         bsz, rows = self._router.row_ids.shape[0], x.shape[0]
-        if rows % bsz:
+        if rows == bsz:
+            return 1
+        if not bsz or rows % bsz:
             raise AdapterMismatchError(f"route() named {bsz} rows, but this forward has {rows}, not a multiple of "
                                        f"{bsz}: which row uses which adapter cannot be told; give one adapter name per "
                                        "row of the batch")

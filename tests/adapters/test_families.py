@@ -33,7 +33,13 @@ def _setup(case: Family | str, tmp_path) -> tuple[torch.nn.Module, LoraModel, di
         base = make()
     peft = {None: base}
     for seed, name in enumerate(["a", "b"], start=1):
-        peft[name] = peft_adapter(copy.deepcopy(base), tmp_path / name, seed=seed, r=4, lora_alpha=8, **config)
+        peft[name] = pm = peft_adapter(copy.deepcopy(base), tmp_path / name, seed=seed, r=4, lora_alpha=8, **config)
+        heads = [p for key, p in pm.named_parameters() if "modules_to_save" in key]
+        if heads:  # PEFT copies the base's head: make each adapter's own, as training would
+            with torch.no_grad():
+                for p in heads:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+            pm.save_pretrained(str(tmp_path / name))
     lm = LoraModel(copy.deepcopy(base))
     for name in ("a", "b"):
         lm.add_adapter(name, load_peft_dir(tmp_path / name))

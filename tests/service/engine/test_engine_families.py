@@ -45,6 +45,10 @@ def _peft_adapters(base: torch.nn.Module, root: Path, names: list[str], **config
             warnings.simplefilter("ignore")  # GPT-2's Conv1D: PEFT sets fan_in_fan_out itself
             pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                                init_lora_weights=False, **config))
+        with torch.no_grad():  # PEFT copies the base's classifier head: make each adapter's own, as training would
+            for key, p in pm.named_parameters():
+                if "modules_to_save" in key:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
         pm.save_pretrained(str(root / name))
         models[name] = pm.eval()
     return models
