@@ -217,7 +217,9 @@ class LoraLinear(nn.Module):
     def _rows_per_route(self, x: torch.Tensor) -> int:
         """How many consecutive rows of x belong to each routed row: 1 for (B, …); T when a model flattened
         (B, T, H) to (B·T, H) (OPT's MLP, Qwen2-MoE's shared expert); k for a batch that beam search expanded
-        to k·B with repeat_interleave. Row j then belongs to routed row j // k, whichever it is."""
+        to k·B with repeat_interleave. Row j then belongs to routed row j // k, whichever it is. A layer that sees
+        only some tokens (a per-expert Linear in Switch Transformers or NLLB-MoE) breaks that rule: it is refused
+        when its row count is not a multiple of B, but cannot be caught when it is; do not route such layers."""
         bsz, rows = self._router.row_ids.shape[0], x.shape[0]
         if rows == bsz:
             return 1
