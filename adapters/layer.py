@@ -214,27 +214,42 @@ class LoraLinear(nn.Module):
         out.addmm_(h, b.T, alpha=sign * self.scaling[name])  # (N, out) += s · (N, r) @ (r, out)
         return out.reshape(result.shape)
 
+    def _rows_per_route(self, x: torch.Tensor) -> int:
+        """How many consecutive rows of x belong to each routed row: 1 for (B, …); T when a model flattened
+        (B, T, H) to (B·T, H) (OPT's MLP, Qwen2-MoE's shared expert); k for a batch that beam search expanded
+        to k·B with repeat_interleave. Row j then belongs to routed row j // k, whichever it is. A layer that sees
+        only some tokens (a per-expert Linear in Switch Transformers or NLLB-MoE) breaks that rule: it is refused
+        when its row count is not a multiple of B, but cannot be caught when it is; do not route such layers."""
+        bsz, rows = self._router.row_ids.shape[0], x.shape[0]
+        if rows == bsz:
+            return 1
+        if not bsz or rows % bsz:
+            raise AdapterMismatchError(f"route() named {bsz} rows, but this forward has {rows}, not a multiple of "
+                                       f"{bsz}: which row uses which adapter cannot be told; give one adapter name per "
+                                       "row of the batch")
+        return rows // bsz
+
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Row i gets s_i·B_i·A_i·x_i with one gather + two batched matmuls, not a loop over adapters."""
-        if x.shape[0] != self._router.row_ids.shape[0]:  # e.g. beam search expanded the batch inside route()
-            raise AdapterMismatchError(f"route() named {self._router.row_ids.shape[0]} rows, but this forward has "
-                                       f"{x.shape[0]}; give one adapter name per row of the batch")
+        per_row = self._rows_per_route(x)
         if self._needs_autograd():
-            return self._grouped_forward(x, result)
+            return self._grouped_forward(x, result, per_row)
         table, a_stack, b_stack = self._stacks()
         local = table[self._router.row_ids]  # (Bsz,) slot per row; slot 0 = base rows
         # Slot 0 is empty only while nothing is merged here; otherwise base rows must subtract M's branch.
         if self.merged_adapter is None and not bool(local.any()):
             return result
-        bsz = x.shape[0]
-        x3 = x.reshape(bsz, -1, self.in_features).to(a_stack.dtype)  # (Bsz, T, in)
+        bsz = local.shape[0]
+        # Routed row i owns x's rows i·k … i·k+k-1, consecutive in memory: one view, as for a plain (B, T, in).
+        t = x.numel() // (bsz * self.in_features)  # k·T tokens per routed row (explicit: x may be empty)
+        x3 = x.reshape(bsz, t, self.in_features).to(a_stack.dtype)  # (Bsz, k·T, in)
         a_rows = a_stack[local]  # (Bsz, R, in)
         b_rows = b_stack[local]  # (Bsz, out, R), scaling folded in
-        h = torch.bmm(x3, a_rows.transpose(1, 2))  # (Bsz, T, R)
+        h = torch.bmm(x3, a_rows.transpose(1, 2))  # (Bsz, k·T, R)
         if result.dtype != h.dtype or self._base_hooked():
             return result + torch.bmm(h, b_rows.transpose(1, 2)).reshape(result.shape).to(result.dtype)
-        # result + h @ Bᵀ in one call: (Bsz, T, out) + (Bsz, T, R) @ (Bsz, R, out)
-        out = result.reshape(bsz, -1, self.out_features)  # in place, as in _add_branch
+        # result + h @ Bᵀ in one call: (Bsz, k·T, out) + (Bsz, k·T, R) @ (Bsz, R, out)
+        out = result.reshape(bsz, t, self.out_features)  # in place, as in _add_branch
         out.baddbmm_(h, b_rows.transpose(1, 2))
         return out.reshape(result.shape)
 
@@ -244,17 +259,20 @@ class LoraLinear(nn.Module):
             return True
         return torch.is_grad_enabled() and any(p.requires_grad for pair in self._ab.values() for p in pair)
 
-    def _grouped_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Training under route(): one branch per adapter over its own rows, with dropout and gradients."""
+    def _grouped_forward(self, x: torch.Tensor, result: torch.Tensor, per_row: int = 1) -> torch.Tensor:
+        """Training under route(): one branch per adapter over its own rows, with dropout and gradients.
+        Routed row i owns x's rows i·per_row … i·per_row + per_row - 1 (see _rows_per_route)."""
         groups: dict[str | None, list[int]] = {}
         for i, name in enumerate(self._router.row_names or []):
             groups.setdefault(name if name in self._ab else None, []).append(i)
         merged = self.merged_adapter
-        delta = torch.zeros_like(result)  # (Bsz, …, out)
+        delta = torch.zeros_like(result)  # (N, …, out)
+        offsets = torch.arange(per_row, device=x.device)  # (k,)
         for name, rows in groups.items():
             if name == merged:
                 continue  # already in W
-            idx = torch.tensor(rows, device=x.device)
+            # (n,) routed rows -> (n, 1) * k + (k,) -> (n·k,) rows of x, in order
+            idx = (torch.tensor(rows, device=x.device).unsqueeze(1) * per_row + offsets).reshape(-1)
             d = self._branch(x[idx], name) if name is not None else 0
             if merged is not None:
                 d = d + self._branch(x[idx], merged, sign=-1.0)

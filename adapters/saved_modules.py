@@ -41,11 +41,13 @@ class SavedModuleWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         names = self._router.row_names
-        if names is None or x.dim() == 0 or x.shape[0] != len(names):
+        if not names or x.dim() == 0 or x.shape[0] % len(names):
             return self._run(self.active_adapter, x, *args, **kwargs)
+        # x's rows j·k … j·k+k-1 are routed row j's: k = 1, or k beams per row (see LoraLinear._rows_per_route)
+        k = x.shape[0] // len(names)
         groups: dict[str | None, list[int]] = {}
         for i, n in enumerate(names):
-            groups.setdefault(n if n in self.replacements else None, []).append(i)
+            groups.setdefault(n if n in self.replacements else None, []).extend(range(i * k, i * k + k))
         if len(groups) == 1:
             return self._run(next(iter(groups)), x, *args, **kwargs)
         outs = {n: (rows, self._run(n, x[rows], *args, **kwargs)) for n, rows in groups.items()}

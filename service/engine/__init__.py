@@ -7,6 +7,7 @@ from service.engine.errors import (
     BadRequestError,
     EngineBusyError,
     EngineError,
+    InternalEngineError,
     NonFiniteOutputError,
     UnknownAdapterError,
     WrongTaskError,
@@ -14,5 +15,5 @@ from service.engine.errors import (
 from service.engine.requests import ClassifyResult, CompletionChunk, CompletionRequest, CompletionResult, EmbedResult
 
 __all__ = ["AdapterChangedError", "BadRequestError", "ClassifyResult", "CompletionChunk", "CompletionRequest",
-           "CompletionResult", "EmbedResult", "Engine", "EngineBusyError", "EngineError", "LoadedBase",
-           "NonFiniteOutputError", "UnknownAdapterError", "WrongTaskError", "load_base_model"]
+           "CompletionResult", "EmbedResult", "Engine", "EngineBusyError", "EngineError", "InternalEngineError",
+           "LoadedBase", "NonFiniteOutputError", "UnknownAdapterError", "WrongTaskError", "load_base_model"]

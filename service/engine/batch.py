@@ -8,15 +8,18 @@ that cannot run, or whose output is unusable, fails alone rather than taking its
 
 from __future__ import annotations
 
+import logging
 import math
 
 from adapters import LoraModel
 from service.base_model import LoadedBase
-from service.engine.errors import NonFiniteOutputError
+from service.engine.errors import NonFiniteOutputError, request_error
 from service.engine.requests import ClassifyResult, EmbedResult, WorkItem
 from service.engine.runner import check_classify, classify_rows, embed_rows
 
 __all__ = ["admissible", "run_batch"]
+
+log = logging.getLogger(__name__)
 
 
 def admissible(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> list[WorkItem]:
@@ -38,18 +41,20 @@ def admissible(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> list[W
 
 def run_batch(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
     """One forward for the whole group. An unexpected failure reruns its requests one by one, so only the
-    request that causes it gets the error."""
+    request that causes it gets the error: a 500 unless the error is the request's own (request_error)."""
     try:
         _run_texts(lm, base, items)
     except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handlers
         if len(items) == 1:
-            items[0].fail(exc)
+            items[0].fail(request_error(exc))
             return
+        # Seen, not hidden: a batch whose requests all succeed alone is a fault that costs one forward each.
+        log.warning("a batch of %d requests failed; running them one by one", len(items), exc_info=exc)
         for item in items:
             try:
                 _run_texts(lm, base, [item])
             except Exception as own:  # noqa: BLE001
-                item.fail(own)
+                item.fail(request_error(own))
 
 
 def _run_texts(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from adapters.errors import UnknownAdapterError
 
 __all__ = ["EngineError", "EngineBusyError", "WrongTaskError", "BadRequestError", "UnknownAdapterError",
-           "NonFiniteOutputError", "AdapterChangedError"]
+           "NonFiniteOutputError", "AdapterChangedError", "InternalEngineError", "request_error"]
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
@@ -43,3 +47,27 @@ class AdapterChangedError(EngineError):
         super().__init__(f"adapter {adapter!r} was {change} while this request was generating with it; "
                          "send the request again")
         self.key = adapter
+
+
+class InternalEngineError(EngineError):
+    """A forward failed for a reason that is the server's, not the request's (HTTP 500). The cause (kept as
+    __cause__) is logged with its traceback; the client only learns that the fault was ours."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"the server failed while running this request ({type(cause).__name__}); the fault is "
+                         "not in the request, and it was logged")
+        self.__cause__ = cause
+
+
+# What a request's own inputs or adapter can cause while its batch runs; anything else raised by a forward is
+# the server's fault, even a domain error such as AdapterMismatchError (a routing bug, not a bad adapter).
+_THE_REQUESTS_OWN = (EngineError, UnknownAdapterError)
+
+
+def request_error(exc: Exception) -> Exception:
+    """The error to answer a request with when its forward raised `exc`: the request's own errors as they
+    are (400, 404, 409, 422...); anything else as an InternalEngineError (500), logged with its traceback."""
+    if isinstance(exc, _THE_REQUESTS_OWN):
+        return exc
+    log.exception("a forward failed: answering its request with 500", exc_info=exc)
+    return InternalEngineError(exc)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from adapters import LoraModel, LoraWeights, MergeError
 from service.base_model import LoadedBase
 from service.engine.batch import admissible, run_batch
+from service.engine.errors import request_error
 from service.engine.requests import WorkItem
 
 if TYPE_CHECKING:
@@ -177,8 +178,15 @@ class LoopThread:
         try:
             self.decoder.join(items)
         except Exception as exc:  # noqa: BLE001 - the newcomers' prefill failed: they fail, running rows go on
-            for item in items:
-                item.fail(exc)
+            if len(items) == 1:
+                items[0].fail(request_error(exc))
+                return
+            log.warning("a prefill of %d requests failed; running them one by one", len(items), exc_info=exc)
+            for item in items:  # one by one, as run_batch does: only the request at fault fails
+                try:
+                    self.decoder.join([item])
+                except Exception as own:  # noqa: BLE001
+                    item.fail(request_error(own))
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -186,7 +194,7 @@ class LoopThread:
             try:
                 self.decoder.step()
             except Exception as exc:  # noqa: BLE001 - the rows share this forward, so all of them fail
-                self.decoder.fail(exc)
+                self.decoder.fail(request_error(exc))
             finally:
                 self.tiers.trim(protect=self._busy())  # rows that ended no longer hold their adapters
         if self.metrics is not None:
