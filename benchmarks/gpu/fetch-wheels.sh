@@ -12,6 +12,9 @@ set -euo pipefail
 
 DIR=${1:?usage: fetch-wheels.sh DIR}
 PY=${PYTHON:-python3}
+# The GPU machine's Python; another (e.g. PY_VERSION=3.11) only to rehearse run.sh --wheels on a CPU machine.
+PY_VERSION=${PY_VERSION:-3.12}
+ABI=cp${PY_VERSION//./}
 LIMIT=$((64 * 1024 * 1024))
 
 PINNED=(
@@ -29,7 +32,7 @@ PINNED=(
 
 mkdir -p "$DIR"
 "$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-    --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
+    --python-version "$PY_VERSION" --implementation cp --abi "$ABI" --abi abi3 --abi none \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any \
     -d "$DIR" "${PINNED[@]}"

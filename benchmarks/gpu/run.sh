@@ -42,7 +42,8 @@ WHEELS_RC=-
 if [ -n "$WHEELS" ]; then
     SITE=${SITE:-/tmp/site}
     log "installing $(ls "$WHEELS"/*.whl 2>/dev/null | wc -l) wheels from $WHEELS into $SITE"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$SITE" \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --root-user-action=ignore \
+        --upgrade --target "$SITE" \
         "$WHEELS"/*.whl
     WHEELS_RC=$?
     export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
