@@ -34,7 +34,7 @@ LLAMA_SIZES = {
 }
 GPT2_SIZES = {
     "small": dict(n_embd=768, n_layer=12, n_head=12),
-    "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=2048, n_positions=256),
+    "tiny": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=2048, n_positions=256, bos_token_id=0, eos_token_id=0),
 }
 WORDS = ("the adapter model serves many small tasks while one frozen base stays on the device and every request "
          "names its own low rank update so batches mix them freely").split()

@@ -10,6 +10,7 @@ the median.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 import traceback
@@ -113,4 +114,6 @@ class Recorder:
 
     def flush(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        tmp = self.path.with_suffix(".tmp")  # then renamed: a run killed mid-write leaves the previous file whole
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)
