@@ -37,6 +37,14 @@ mkdir -p "$DIR"
     --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any \
     -d "$DIR" "${PINNED[@]}"
 
+# The list must be closed: resolving the roots from DIR alone, for that Python, must need nothing else.
+"$PY" -m pip install --quiet --disable-pip-version-check --dry-run --ignore-installed --no-index --find-links "$DIR" \
+    --only-binary=:all: --python-version "$PY_VERSION" --implementation cp --abi "$ABI" --abi abi3 --abi none \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    --platform any --target "$(mktemp -d)" fastapi pydantic-settings uvicorn httptools python-multipart pytest \
+    httpcore anyio \
+    || { echo "fetch-wheels: FAILED: the wheels in $DIR do not cover their own requirements" >&2; exit 1; }
+
 count=$(find "$DIR" -maxdepth 1 -name '*.whl' | wc -l)
 if [ "$count" -lt "${#PINNED[@]}" ]; then
     echo "fetch-wheels: expected ${#PINNED[@]} wheels in $DIR, found $count" >&2

@@ -101,8 +101,9 @@ def ours_from_peft(pm: nn.Module, name: str) -> A.LoraWeights:
     fan_in_fan_out = False
     for path, module in pm.named_modules():
         if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and name in module.lora_A:
-            lora[path.removeprefix("base_model.model.")] = (module.lora_A[name].weight.detach().clone(),
-                                                            module.lora_B[name].weight.detach().clone())
+            # On the host, as an uploaded adapter arrives: add_adapter moves it to the base's device.
+            lora[path.removeprefix("base_model.model.")] = (module.lora_A[name].weight.detach().to("cpu", copy=True),
+                                                            module.lora_B[name].weight.detach().to("cpu", copy=True))
             rank, alpha = module.r[name], module.lora_alpha[name]
             fan_in_fan_out = fan_in_fan_out or bool(getattr(module, "fan_in_fan_out", False))
     targets = sorted({p.rsplit(".", 1)[-1] for p in lora})

@@ -94,5 +94,5 @@ cat > "$OUT/run.json" <<EOF
 EOF
 "$PY" benchmarks/gpu/report.py "$OUT" > /dev/null
 log "done: $OUT/report.md and $OUT/report.json (tests exit $TESTS_RC, benchmarks exit $BENCH_RC)"
-grep '^\*\*Summary' "$OUT/report.md"
+cat "$OUT/report.md"  # also on stdout: the tail of a remote run's output carries the results
 [ -f "$OUT/report.md" ] && [ -f "$OUT/report.json" ]
