@@ -32,6 +32,9 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [ -n "$WHEELS" ]; then  # relative to where the script was started, before the cd below
+    WHEELS=$(cd "$WHEELS" && pwd) || { echo "run.sh: no wheel folder $WHEELS" >&2; exit 2; }
+fi
 START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 log() { echo "[run.sh $(elapsed)s] $*"; }
