@@ -222,16 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     rec = Recorder(args.out / "bench.json", {"machine": machine_info(args.device), "config": asdict(cfg),
                                              "budget_s": args.budget_s})
     keep: dict = {}  # the first Llama set-up, kept for the compile attempt at the end
-    for arch in ("llama", "gpt2"):
-        for rank in cfg.ranks:
-            ctx = bench_model(rec, deadline, cfg, arch, rank)
-            if arch == "llama" and rank == cfg.ranks[0]:  # the compile attempt: once, on the larger model
-                keep = ctx
-            del ctx
-            gc.collect()
-    for rank in cfg.ranks[:1]:
-        rec.run(f"generation llama-{cfg.llama} r{rank}", lambda r=rank: bench_generation(rec, deadline, cfg, r),
-                deadline, min_left_s=30)
+    # Most telling first, should the budget run out: the ~1B model at rank 8, its generation, then the rest.
+    for arch, rank in [("llama", r) for r in cfg.ranks] + [("gpt2", r) for r in cfg.ranks]:
+        ctx = bench_model(rec, deadline, cfg, arch, rank)
+        if arch == "llama" and rank == cfg.ranks[0]:
+            keep = ctx
+            rec.run(f"generation llama-{cfg.llama} r{rank}", lambda r=rank: bench_generation(rec, deadline, cfg, r),
+                    deadline, min_left_s=30)
+        del ctx
+        gc.collect()
     if keep:
         section = f"compiled mixed forward llama-{cfg.llama} r{cfg.ranks[0]}"
         rec.run(section, lambda: bench_compiled(rec, deadline, cfg, keep, section), deadline, min_left_s=120)
