@@ -237,7 +237,10 @@ class LoraLinear(nn.Module):
         table, a_stack, b_stack = self._stacks()
         local = table[self._router.row_ids]  # (Bsz,) slot per row; slot 0 = base rows
         # Slot 0 is empty only while nothing is merged here; otherwise base rows must subtract M's branch.
-        if self.merged_adapter is None and not bool(local.any()):
+        # Asked of the host-side names, not of `local`: reading a device tensor would sync a GPU once per layer.
+        names = self._router.row_names
+        if self.merged_adapter is None and not (any(n in self._ab for n in names) if names is not None
+                                                else bool(local.any())):
             return result
         bsz = local.shape[0]
         # Routed row i owns x's rows i·k … i·k+k-1, consecutive in memory: one view, as for a plain (B, T, in).
