@@ -100,7 +100,7 @@ def load_base_model(path: str | None, device: str = "auto", dtype: str = "float3
     cls = {"generate": AutoModelForCausalLM, "classify": AutoModelForSequenceClassification, "embed": AutoModel}[task]
     model, info = cls.from_pretrained(path, local_files_only=True, dtype=torch_dtype, output_loading_info=True)
     if task == "generate":  # an encoder would load with a random LM head and serve fluent-looking noise
-        from adapters.train.modes import require_causal_lm
+        from lora_train.modes import require_causal_lm
 
         try:
             require_causal_lm(Path(path), model, info.get("missing_keys", []))

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from adapters.train.cli import main
-from adapters.train.data import DataError, label_names, load_rows
-from adapters.train.tasks import Example, collate
+from lora_train.cli import main
+from lora_train.data import DataError, label_names, load_rows
+from lora_train.tasks import Example, collate
 
 
 def test_jsonl_bad_rows_are_all_listed_with_line_numbers(tmp_path):
@@ -140,14 +140,14 @@ def test_cli_refuses_an_out_path_blocked_by_a_file(tmp_path, capsys):
 
 
 def test_the_name_rule_is_the_services():
-    from adapters.train.upload import NAME_PATTERN
+    from lora_train.upload import NAME_PATTERN
     from service.storage import NAME_PATTERN as SERVICE_PATTERN
 
     assert NAME_PATTERN == SERVICE_PATTERN
 
 
 def test_embed_batches_never_leave_a_row_alone():
-    from adapters.train.tasks import batch_spans
+    from lora_train.tasks import batch_spans
 
     assert batch_spans(33, 16, "embed") == [(0, 16), (16, 33)]
     assert batch_spans(33, 16, "classify") == [(0, 16), (16, 32), (32, 33)]

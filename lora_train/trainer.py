@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 
 from adapters import LoraWeights, model_footprint, save_peft_dir
 from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
-from adapters.train import data as data_mod
-from adapters.train import modes
-from adapters.train.tasks import Example, batch_loss, batch_spans, collate, encode, evaluate
+from lora_train import data as data_mod
+from lora_train import modes
+from lora_train.tasks import Example, batch_loss, batch_spans, collate, encode, evaluate
 
 __all__ = ["TrainArgs", "TrainResult", "train"]
 
