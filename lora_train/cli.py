@@ -14,13 +14,12 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lora_train.upload import NAME_PATTERN
+from lora_common.names import name_problem
 
 __all__ = ["main", "build_parser", "args_from_namespace"]
 
@@ -121,8 +120,9 @@ def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     if ns.upload:
         if urlsplit(ns.upload).scheme not in ("http", "https") or not urlsplit(ns.upload).netloc:
             p.error(f"--upload {ns.upload!r}: give the service's http:// or https:// URL")
-        if not re.fullmatch(NAME_PATTERN, ns.name):
-            p.error(f"--name {ns.name!r}: adapter names must match {NAME_PATTERN}")
+        problem = name_problem(ns.name)  # the service's own rule: refused now, not after hours of training
+        if problem is not None:
+            p.error(f"--name {ns.name!r}: {problem}")
 
 
 def _quiet_transformers() -> None:

@@ -139,13 +139,6 @@ def test_cli_refuses_an_out_path_blocked_by_a_file(tmp_path, capsys):
         assert info.value.code == 2 and "is not a directory" in capsys.readouterr().err
 
 
-def test_the_name_rule_is_the_services():
-    from lora_train.upload import NAME_PATTERN
-    from service.storage import NAME_PATTERN as SERVICE_PATTERN
-
-    assert NAME_PATTERN == SERVICE_PATTERN
-
-
 def test_embed_batches_never_leave_a_row_alone():
     from lora_train.tasks import batch_spans
 
