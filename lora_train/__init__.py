@@ -2,7 +2,7 @@
 
     data.py     JSONL/CSV rows, checked up front; bad rows listed with their line numbers
     tasks.py    tokenisation, batching and the loss of each task (classify, generate, embed)
-    modes.py    loading the base model; what trains (lora, last-layers, full)
+    modes.py    the base model for a task (lora_common's loader); what trains (lora, last-layers, full)
     trainer.py  the seeded AdamW loop with a progress bar and per-epoch evaluation
     report.py   footprint lines, training_report.json, the --compare table
     upload.py   PUT the adapter into a running lora-service
