@@ -5,5 +5,5 @@
 
 It sits beside `adapters/` rather than inside it because base loading needs transformers (the core library
 is torch + safetensors), and beside `service/` because lora-train must not import FastAPI. It imports
-neither `service/` nor `lora_train/` (tests/lora_train/test_dependencies.py).
+neither `service/` nor `lora_train/` (tests/lora_train/test_train_dependencies.py).
 """

@@ -11,7 +11,7 @@
 Only the LoRA matrices (and a classification head, stored through `modules_to_save`) train; the base
 weights stay bit-identical, which every LoRA run checks by fingerprint. Needs transformers, tqdm and
 pydantic-settings (and httpx for --upload), which is why it is a package of its own: the core `adapters`
-package stays torch + safetensors. It never imports the service (tests/lora_train/test_dependencies.py).
+package stays torch + safetensors. It never imports the service (tests/lora_train/test_train_dependencies.py).
 """
 
 from lora_train.data import DataError, Dataset, load_rows
