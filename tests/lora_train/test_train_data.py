@@ -124,6 +124,7 @@ def test_non_utf8_files_and_csv_syntax_errors_name_their_line(tmp_path):
     (["--task", "embed", "--batch-size", "1"], "in-batch negatives"),
     (["--upload", "notaurl", "--name", "x"], "http:// or https://"),
     (["--upload", "http://127.0.0.1:1", "--name", "a/b"], "adapter names must match"),
+    (["--upload", "http://127.0.0.1:1", "--name", "base"], "reserved for the bare base model"),  # the service's rule
 ])
 def test_cli_refuses_bad_flags_before_loading_anything(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as info:
@@ -145,3 +146,13 @@ def test_embed_batches_never_leave_a_row_alone():
     assert batch_spans(33, 16, "embed") == [(0, 16), (16, 33)]
     assert batch_spans(33, 16, "classify") == [(0, 16), (16, 32), (32, 33)]
     assert batch_spans(32, 16, "embed") == [(0, 16), (16, 32)]
+
+
+def test_python_m_lora_train_help():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "lora_train", "--help"], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "lora-train" in proc.stdout and "--base-model" in proc.stdout
