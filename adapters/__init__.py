@@ -1,7 +1,7 @@
 """LoRA core: layers, injection, PEFT-format adapters, exact merge/unmerge/switch, exact composition.
 
 Depends on torch and safetensors only (transformers is imported lazily, to recognise GPT-2's Conv1D).
-It never imports the service.
+It never imports the service or the trainer (`lora_train`): tests/adapters/test_dependencies.py.
 """
 
 from adapters.compose import ComposeResult, compose

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from adapters.errors import AdapterFormatError, UnsupportedAdapterError
+from adapters.errors import AdapterFormatError, UnsupportedAdapterError, parse_json
 
 __all__ = ["LoraConfig", "ALL_LINEAR", "exact_pattern"]
 
@@ -141,13 +141,7 @@ class LoraConfig:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> LoraConfig:
-        try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise AdapterFormatError(f"adapter_config.json is not valid JSON: {exc}") from exc
-        except RecursionError:
-            raise AdapterFormatError("adapter_config.json is nested too deeply") from None
-        return cls.from_peft_dict(data)
+        return cls.from_peft_dict(parse_json(text, "adapter_config.json"))
 
     def to_peft_dict(self) -> dict[str, Any]:
         """PEFT-loadable config: PEFT's names and neutral values for what we do not use."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 __all__ = [
     "AdapterError", "AdapterFormatError", "UnsupportedAdapterError", "AdapterMismatchError",
-    "AdapterTooLargeError", "TargetNotFoundError", "MergeError", "UnknownAdapterError",
+    "AdapterTooLargeError", "TargetNotFoundError", "MergeError", "UnknownAdapterError", "parse_json",
 ]
 
 
@@ -46,3 +49,15 @@ class UnknownAdapterError(AdapterError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.message
+
+
+def parse_json(data: str | bytes, what: str) -> Any:
+    """JSON from an uploaded file (adapter_config.json, a safetensors header). Whatever is wrong with it is the
+    file's fault, so an AdapterFormatError naming `what`: a deeply nested document raises RecursionError, not
+    ValueError, and would otherwise surface as a server error."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise AdapterFormatError(f"{what} is nested too deeply") from None

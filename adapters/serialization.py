@@ -26,7 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from adapters.config import LoraConfig
-from adapters.errors import AdapterFormatError, AdapterTooLargeError
+from adapters.errors import AdapterFormatError, AdapterTooLargeError, parse_json
 from adapters.weights import LoraWeights
 
 __all__ = [
@@ -80,12 +80,7 @@ def check_safetensors_header(data: bytes | memoryview, *, max_header_bytes: int 
     if 8 + header_len > size:
         raise AdapterFormatError(
             f"safetensors file is truncated: header claims {header_len} bytes, file has {size - 8}")
-    try:
-        header = json.loads(bytes(data[8:8 + header_len]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"safetensors header is not valid JSON: {exc}") from exc
-    except RecursionError:
-        raise AdapterFormatError("safetensors header is nested too deeply") from None
+    header = parse_json(bytes(data[8:8 + header_len]), "safetensors header")
     if not isinstance(header, dict):
         raise AdapterFormatError("safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

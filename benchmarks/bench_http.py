@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import socket
 import statistics
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import adapters as A  # noqa: E402
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, write_json  # noqa: E402
 from service.engine import Engine, load_base_model  # noqa: E402
 from service.storage import local_store  # noqa: E402
 
@@ -164,7 +163,7 @@ def main() -> None:
         print(f"| {key} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
     print(f"HTTP throughput = {100 * ratio:.0f}% of in-process")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

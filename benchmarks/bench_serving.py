@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import adapters as A  # noqa: E402
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, write_json  # noqa: E402
 from service.engine import Engine, load_base_model  # noqa: E402
 from service.storage import canonicalize, local_store  # noqa: E402
 
@@ -163,7 +162,7 @@ def main() -> None:
     c = results["cold_load"]
     print(f"cold load p50: ours {c['ours_cold_load']:.2f} ms, PEFT load_adapter {c['peft_load_adapter']:.2f} ms")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

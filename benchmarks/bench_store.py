@@ -9,7 +9,6 @@ Usage: python benchmarks/bench_store.py [--adapters 10000] [--touch 300]
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import adapters as A  # noqa: E402
 from benchmarks.bench_http import free_port, start_server  # noqa: E402
-from benchmarks.common import machine_info  # noqa: E402
+from benchmarks.common import machine_info, write_json  # noqa: E402
 from service.storage import canonicalize, local_store  # noqa: E402
 
 HOST_CACHE = 4 << 20  # bytes
@@ -108,7 +107,7 @@ def main() -> None:
           f"{result['host_cache_bytes']:,} B (bound {HOST_CACHE:,}), resident {result['resident']} (bound "
           f"{DEVICE_CACHE}); RSS after warm-up, then after each round: {rounds} MiB")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

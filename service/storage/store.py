@@ -1,6 +1,7 @@
 """`AdapterStore`: the facade the service uses over one AdapterIndex and one BlobStore.
 
-It owns the name policy (NAME_PATTERN, the reserved name "base") and the write protocol:
+It enforces the name rule (NAME_PATTERN, the reserved name "base": lora_common/names.py) and owns the write
+protocol:
 
     put(name, CanonicalAdapter)   1. blobs.put(sha256, files)          put-if-absent, durable when it returns
                                   2. index.put(row)                    atomic: the name now points at the blob
@@ -16,11 +17,11 @@ leftovers once they are older than a grace period. The bytes arrive canonical an
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from adapters import LoraWeights, UnknownAdapterError, weights_from_bytes
 from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
+from lora_common.names import NAME_PATTERN, RESERVED_NAMES, name_problem
 from service.storage.canonical import FILENAMES, CanonicalAdapter
 from service.storage.errors import AdapterExistsError, InvalidAdapterNameError, MissingBlobError
 from service.storage.gc import DEFAULT_GRACE_S, GcReport, collect_garbage
@@ -30,17 +31,12 @@ __all__ = ["AdapterStore", "NAME_PATTERN", "RESERVED_NAMES", "check_name"]
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-RESERVED_NAMES = frozenset({"base"})
-_NAME = re.compile(NAME_PATTERN)
-
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidAdapterNameError(f"invalid adapter name {name!r}: it must match {NAME_PATTERN}", field="name")
-    if name in RESERVED_NAMES:
-        raise InvalidAdapterNameError(f"invalid adapter name {name!r}: it is reserved for the bare base model",
-                                      field="name")
+    """`name`, or InvalidAdapterNameError (422) with the rule it breaks (lora_common/names.py)."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise InvalidAdapterNameError(f"invalid adapter name {name!r}: {problem}", field="name")
     return name
 
 

@@ -20,7 +20,7 @@ _WORDS = {"paint": ["red", "blue", "green", "brush", "canvas"], "tool": ["hammer
 @pytest.fixture(scope="module")
 def trained_dir(model_dirs, tmp_path_factory) -> Path:
     """`lora-train --task classify` on paint/tool rows, on the bare BERT the bert_client serves."""
-    from adapters.train.trainer import TrainArgs, train
+    from lora_train.trainer import TrainArgs, train
 
     rng = random.Random(0)
     root = tmp_path_factory.mktemp("labels-run")

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from adapters import LoraConfig, LoraWeights, save_peft_dir
-from adapters.train.cli import main
-from adapters.train.upload import UploadError, upload_adapter
+from lora_train.cli import main
+from lora_train.upload import UploadError, upload_adapter
 
 PYTHON = sys.executable
 KEY = "train-test-admin-key-0123456789"
@@ -92,7 +92,7 @@ def test_upload_sends_both_peft_files_and_the_bearer_key(stub, adapter_dir):
 def test_cli_key_comes_from_the_flag_else_from_lora_api_key(stub, adapter_dir, monkeypatch, capsys):
     import argparse
 
-    from adapters.train.cli import _upload
+    from lora_train.cli import _upload
 
     server, url = stub
     _Stub.answer = (201, {"name": "n1", "version": 1})
@@ -161,7 +161,7 @@ def test_upload_problems_are_found_before_training(stub, tiny_bert_dir, classify
 
 
 def test_overwrite_lets_an_existing_name_through_the_check(stub, adapter_dir):
-    from adapters.train.upload import check_upload_target
+    from lora_train.upload import check_upload_target
 
     server, url = stub
     _Stub.existing = (200, {"name": "n1", "version": 1})
@@ -186,7 +186,7 @@ def test_train_upload_and_classify_in_a_running_service(tiny_bert_dir, classify_
     proc = subprocess.Popen([PYTHON, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
                              "--store", str(tmp_path / "store"), "--base-model", str(tiny_bert_dir),
                              "--admin-keys", KEY], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=Path(__file__).resolve().parents[3])
+                            cwd=Path(__file__).resolve().parents[2])
     headers = {"Authorization": f"Bearer {KEY}"}
     try:
         train_file, eval_file = classify_files

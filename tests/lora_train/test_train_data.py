@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from adapters.train.cli import main
-from adapters.train.data import DataError, label_names, load_rows
-from adapters.train.tasks import Example, collate
+from lora_train.cli import main
+from lora_train.data import DataError, label_names, load_rows
+from lora_train.tasks import Example, collate
 
 
 def test_jsonl_bad_rows_are_all_listed_with_line_numbers(tmp_path):
@@ -124,6 +124,7 @@ def test_non_utf8_files_and_csv_syntax_errors_name_their_line(tmp_path):
     (["--task", "embed", "--batch-size", "1"], "in-batch negatives"),
     (["--upload", "notaurl", "--name", "x"], "http:// or https://"),
     (["--upload", "http://127.0.0.1:1", "--name", "a/b"], "adapter names must match"),
+    (["--upload", "http://127.0.0.1:1", "--name", "base"], "reserved for the bare base model"),  # the service's rule
 ])
 def test_cli_refuses_bad_flags_before_loading_anything(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as info:
@@ -139,16 +140,19 @@ def test_cli_refuses_an_out_path_blocked_by_a_file(tmp_path, capsys):
         assert info.value.code == 2 and "is not a directory" in capsys.readouterr().err
 
 
-def test_the_name_rule_is_the_services():
-    from adapters.train.upload import NAME_PATTERN
-    from service.storage import NAME_PATTERN as SERVICE_PATTERN
-
-    assert NAME_PATTERN == SERVICE_PATTERN
-
-
 def test_embed_batches_never_leave_a_row_alone():
-    from adapters.train.tasks import batch_spans
+    from lora_train.tasks import batch_spans
 
     assert batch_spans(33, 16, "embed") == [(0, 16), (16, 33)]
     assert batch_spans(33, 16, "classify") == [(0, 16), (16, 32), (32, 33)]
     assert batch_spans(32, 16, "embed") == [(0, 16), (16, 32)]
+
+
+def test_python_m_lora_train_help():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "lora_train", "--help"], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "lora-train" in proc.stdout and "--base-model" in proc.stdout

@@ -14,13 +14,12 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from adapters.train.upload import NAME_PATTERN
+from lora_common.names import name_problem
 
 __all__ = ["main", "build_parser", "args_from_namespace"]
 
@@ -87,7 +86,7 @@ def _targets(values: list[str] | None) -> list[str] | str | None:
 
 
 def args_from_namespace(ns: argparse.Namespace):
-    from adapters.train.trainer import TrainArgs
+    from lora_train.trainer import TrainArgs
 
     alpha = int(ns.alpha) if float(ns.alpha).is_integer() else ns.alpha  # 16, not 16.0, in adapter_config.json
     return TrainArgs(data=ns.data, out=ns.out, task=ns.task, base_model=ns.base_model, eval=ns.eval,
@@ -121,8 +120,9 @@ def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
     if ns.upload:
         if urlsplit(ns.upload).scheme not in ("http", "https") or not urlsplit(ns.upload).netloc:
             p.error(f"--upload {ns.upload!r}: give the service's http:// or https:// URL")
-        if not re.fullmatch(NAME_PATTERN, ns.name):
-            p.error(f"--name {ns.name!r}: adapter names must match {NAME_PATTERN}")
+        problem = name_problem(ns.name)  # the service's own rule: refused now, not after hours of training
+        if problem is not None:
+            p.error(f"--name {ns.name!r}: {problem}")
 
 
 def _quiet_transformers() -> None:
@@ -134,14 +134,14 @@ def _quiet_transformers() -> None:
 
 
 def _api_key(ns: argparse.Namespace) -> str | None:
-    from adapters.train.upload import UploadEnvironment
+    from lora_train.upload import UploadEnvironment
 
     from_env = UploadEnvironment().api_key
     return ns.api_key or (from_env.get_secret_value() if from_env else None)
 
 
 def _upload(ns: argparse.Namespace, adapter_dir: str) -> None:
-    from adapters.train.upload import upload_adapter
+    from lora_train.upload import upload_adapter
 
     answer = upload_adapter(ns.upload, ns.name, adapter_dir, api_key=_api_key(ns), overwrite=ns.overwrite)
     print(f"uploaded {ns.name!r} to {ns.upload}; the service answered:")
@@ -149,13 +149,13 @@ def _upload(ns: argparse.Namespace, adapter_dir: str) -> None:
 
 
 def _run(ns: argparse.Namespace) -> None:
-    from adapters.train import report
-    from adapters.train.modes import MODES
-    from adapters.train.trainer import train
+    from lora_train import report
+    from lora_train.modes import MODES
+    from lora_train.trainer import train
 
     args = args_from_namespace(ns)
     if ns.upload:  # the service, the key and the name are checked before a run that could take hours
-        from adapters.train.upload import check_upload_target
+        from lora_train.upload import check_upload_target
 
         check_upload_target(ns.upload, ns.name, api_key=_api_key(ns), overwrite=ns.overwrite)
     if not ns.compare:
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(ns.threads)
     _quiet_transformers()
     from adapters.errors import AdapterError
-    from adapters.train.data import DataError
-    from adapters.train.upload import UploadError
+    from lora_train.data import DataError
+    from lora_train.upload import UploadError
 
     try:
         _run(ns)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from adapters.train.trainer import TrainArgs, TrainResult
+from lora_train.trainer import TrainArgs, TrainResult
 
 __all__ = ["REPORT_NAME", "COMPARE_NAME", "summary_lines", "write_report", "metric_name", "compare_rows",
            "compare_table", "write_compare"]

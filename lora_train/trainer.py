@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from adapters import LoraWeights, model_footprint, save_peft_dir
 from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
-from adapters.train import data as data_mod
-from adapters.train import modes
-from adapters.train.tasks import Example, batch_loss, batch_spans, collate, encode, evaluate
+from lora_common.base_loading import default_base_model
+from lora_train import data as data_mod
+from lora_train import modes
+from lora_train.tasks import Example, batch_loss, batch_spans, collate, encode, evaluate
 
 __all__ = ["TrainArgs", "TrainResult", "train"]
 
@@ -111,7 +112,7 @@ def train(args: TrainArgs, log=print) -> TrainResult:
     started = time.perf_counter()
     if args.task not in modes.TASK_TYPES:
         raise ValueError(f"unknown task {args.task!r}; expected one of {', '.join(modes.TASK_TYPES)}")
-    base = Path(args.base_model) if args.base_model else modes.default_base_model()
+    base = Path(args.base_model or default_base_model())
     if not base.is_dir():
         raise FileNotFoundError(f"--base-model must be a local model directory (nothing is downloaded): {base}")
     g = _seed_everything(args.seed)

@@ -19,11 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
 
-__all__ = ["UploadError", "UploadEnvironment", "check_upload_target", "upload_adapter", "NAME_PATTERN"]
-
-# The service's rule for adapter names (service/storage/store.py has the same; adapters/ never imports service/, and
-# tests/adapters/train checks that the two agree), so a bad --name is refused before training, not after.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+__all__ = ["UploadError", "UploadEnvironment", "check_upload_target", "upload_adapter"]
 
 
 class UploadEnvironment(BaseSettings):

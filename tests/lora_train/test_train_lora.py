@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from adapters import LoraModel, load_peft_dir
-from adapters.train.report import REPORT_NAME, write_report
-from adapters.train.trainer import TrainArgs, train
+from lora_train.report import REPORT_NAME, write_report
+from lora_train.trainer import TrainArgs, train
 
 SENTENCES = ["the apple is red", "a big truck near my boat", "my very old pear and one lemon", "this bus"]
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.train.data import Dataset
+from lora_train.data import Dataset
 
 __all__ = ["Example", "encode", "collate", "batch_loss", "evaluate", "mean_pool", "EMBED_TEMPERATURE"]
 

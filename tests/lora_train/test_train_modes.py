@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from train_helpers import make_sentences, write_jsonl
 
 from adapters import LoraModel, load_peft_dir
-from adapters.train.cli import main
-from adapters.train.modes import setup_mode
-from adapters.train.trainer import TrainArgs, train
+from lora_train.cli import main
+from lora_train.modes import setup_mode
+from lora_train.trainer import TrainArgs, train
 
 
 def test_last_layers_opens_the_last_two_blocks_and_the_head():
