@@ -159,6 +159,7 @@ def _time(client: httpx.Client, lm: LoraModel, pm, targeted: list[torch.Tensor],
         **{k: s[k] for k in ("copy", "switch", "http", "noop", "fingerprints")}, "peft_merge_unmerge": s["peft"],
         "http_minus_noop_ms": net_ms, "http_minus_noop_over_copy": net_ms / copy_ms,
         "switch_over_copy": s["switch"]["median_ms"] / copy_ms,
+        "http_minus_noop_over_switch": net_ms / s["switch"]["median_ms"],
         "peft_over_http_minus_noop": s["peft"]["median_ms"] / net_ms,
         "samples_s": times,
     }
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             r["model"], f'{r["targeted_layers"]} layers / {r["targeted_parameters"] / 1e6:.1f}M',
             f'{r["copy"]["median_ms"]:.1f}', f'{r["switch"]["median_ms"]:.1f}', f'{r["http"]["median_ms"]:.1f}',
             f'{r["noop"]["median_ms"]:.1f}', f'{r["http_minus_noop_ms"]:.1f}',
-            f'{r["http_minus_noop_over_copy"]:.2f}x', f'{r["peft_merge_unmerge"]["median_ms"]:.1f}',
+            f'{r["http_minus_noop_over_copy"]:.2f}x', f'{r["switch_over_copy"]:.2f}x',
+            f'{r["http_minus_noop_over_switch"]:.2f}x', f'{r["peft_merge_unmerge"]["median_ms"]:.1f}',
             f'{r["peft_over_http_minus_noop"]:.1f}x', f'{r["fingerprints"]["median_ms"]:.1f}',
             "yes" if r["restored_exactly_over_http"] else "NO", "met" if ok else "MISSED",
         ])
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - started:.0f} s\n")
     print(markdown_table(
         ["model", "targeted", "copy ms", "switch ms (in-process)", "HTTP switch ms", "HTTP no-op ms",
-         "HTTP - no-op ms", "(HTTP - no-op) / copy (<=2x)", "PEFT merge+unmerge ms",
+         "HTTP - no-op ms", "(HTTP - no-op) / copy (<=2x)", "switch / copy", "(HTTP - no-op) / switch",
+         "PEFT merge+unmerge ms",
          "PEFT / (HTTP - no-op) (>=5x on GPT-2)", "state?fingerprints=true ms", "exact restore", "targets"], rows))
     if args.out:
         write_json(args.out, results)
