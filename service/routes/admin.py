@@ -18,7 +18,8 @@ FingerprintsQuery = Annotated[bool, Query(description="Also hash the base weight
                                                       "weight, which reads them all")]
 
 
-@router.get("/state", response_model=StateResponse, summary="Merge state, resident adapters, fingerprints on request")
+@router.get("/state", response_model=StateResponse, summary="Merge state, resident adapters, fingerprints on request",
+            responses=error_responses(422))  # a `fingerprints` that is not a boolean
 async def get_state(engine: EngineDep, fingerprints: FingerprintsQuery = False) -> StateResponse:
     """With `?fingerprints=true`, `fingerprint` is a sha256 over every base weight a merge can change, computed
     now, and `pristine_fingerprint` the same over the pristine weights (computed once, then cached); they are

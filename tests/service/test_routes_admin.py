@@ -70,6 +70,8 @@ def test_merge_unmerge_and_plain_state_answer_without_hashing(bert_client: TestC
     state = _state(bert_client)
     assert state["fingerprint"] == state["pristine_fingerprint"] and len(state["fingerprint"]) == 64
     assert False in calls  # the current weights are hashed on every request that asks
+    bad = bert_client.get("/v1/state", params={"fingerprints": "maybe"})
+    assert bad.status_code == 422 and bad.json()["error"]["message"], bad.text
 
 
 def test_fingerprint_does_not_depend_on_resident_adapters(bert_client: TestClient, unique: str):
