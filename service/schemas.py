@@ -117,8 +117,10 @@ class StateResponse(BaseModel):
     merge_kernel: Literal["fused", "addmm"] = Field(
         description="What merges run on: the one-pass fused CPU kernel (float32 or bfloat16 weights, rank <= 32) "
                     "or torch.addmm")
-    fingerprint: str | None = Field(description="sha256 of every base weight a merge can change, as they are now")
-    pristine_fingerprint: str | None = Field(description="The same over the pristine weights; equal when unmerged")
+    fingerprint: str | None = Field(None, description="sha256 of every base weight a merge can change, as they are "
+                                                      "now; null unless asked for (GET /v1/state?fingerprints=true)")
+    pristine_fingerprint: str | None = Field(None, description="The same over the pristine weights; equal when "
+                                                               "unmerged; null unless asked for")
 
 
 # ------------------------------------------------------------------------------------- OpenAI-compatible inference

@@ -5,7 +5,9 @@
 This is the event-loop side: the public API the routes call (embed, classify, complete, stream, merge,
 unmerge, state, forget), the lifecycle, and validation. Every weight change (merge, unmerge, switch,
 adapter in/out) and every forward runs on the loop thread while holding `self.lock`, so a forward never
-sees half-merged weights; calls that change weights are queued to it as controls. Reading an adapter
+sees half-merged weights; calls that change weights are queued to it as controls. The one other holder of
+the lock is the fingerprint hash (`state(fingerprints=True)`), which reads every base weight in a worker
+thread, so the loop thread waits for it only between batches, and merges never pay for it. Reading an adapter
 from disk, validating it and tokenizing happen off the loop (in `asyncio.to_thread`), so a cold adapter
 or a long text does not stall batches of warm ones. Generation is continuously batched (decoding.py).
 """
@@ -66,6 +68,7 @@ class Engine(LoopThread):
         self.tokenizers = TokenizerPool(base.tokenizer, default_pool_size())  # for handler threads only
         self.decoder = Decoder(self.lm, base) if base.task == "generate" else None
         self._waiting: list[WorkItem] = []  # generation requests that cannot join the running decode
+        self._pristine_fingerprint: str | None = None  # of W0, which never changes: hashed on the first request
         self.ready = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -129,15 +132,19 @@ class Engine(LoopThread):
         def drop() -> None:
             if self.decoder is not None and name in self.decoder.adapters():
                 self.decoder.fail(AdapterChangedError(name, replaced), adapter=name)  # never finish on stale weights
-            repin = replaced and self.pinned and self.lm.merged_adapter == name
-            self.policy.forget(name)  # its past traffic must not make `auto` merge it (or its successor)
-            self._evict(name, force=True)
-            if repin:
-                try:
-                    self._set_merged(name, kind="merge")
-                    self.pinned = True
-                except Exception as exc:  # noqa: BLE001 - e.g. the new version cannot merge: served unmerged
-                    log.warning("the new version of pinned adapter %r could not be merged (%s); unpinned", name, exc)
+            # Under the lock as a whole: unwrapping layers changes the module tree that a fingerprint walks
+            # from a worker thread, and the unmerge, the eviction and the re-pin are one change to readers.
+            with self.lock:
+                repin = replaced and self.pinned and self.lm.merged_adapter == name
+                self.policy.forget(name)  # its past traffic must not make `auto` merge it (or its successor)
+                self._evict(name, force=True)
+                if repin:
+                    try:
+                        self._set_merged(name, kind="merge")
+                        self.pinned = True
+                    except Exception as exc:  # noqa: BLE001 - e.g. the new version cannot merge: served unmerged
+                        log.warning("the new version of pinned adapter %r could not be merged (%s); unpinned",
+                                    name, exc)
 
         self._call_soon(drop)
 
@@ -166,42 +173,64 @@ class Engine(LoopThread):
             self.metrics.merge_mode.set(0 if name is None else 1)
 
     async def merge(self, name: str) -> dict:
+        """Merge `name` and pin it; answers the state read right after, on the loop thread, without
+        fingerprints: a switch over HTTP costs the switch, not two hashes of every base weight."""
         preloaded = await self._ensure_loaded(name)
 
-        def do() -> None:
-            kind = "switch" if self.lm.merged_adapter not in (None, name) else "merge"
-            self._set_merged(name, kind, preloaded=preloaded)
-            self.pinned = True
-
-        await self._call(do)
-        return await self.state()
-
-    async def unmerge(self) -> dict:
-        def do() -> None:
-            self._set_merged(None, "unmerge")
-            self.pinned = False
-
-        await self._call(do)
-        return await self.state()
-
-    async def state(self, fingerprints: bool = True) -> dict:
         def do() -> dict:
-            with self.lock:
-                return {
-                    "merged_adapter": self.lm.merged_adapter,
-                    "pinned": self.pinned,
-                    "mode": "merged" if self.lm.merged_adapter else "unmerged",
-                    "merge_policy": self.policy.describe(),
-                    "resident_adapters": list(self.resident),
-                    "host_cached_adapters": self.host_cache.names(),
-                    "host_cache_bytes": self.host_cache.nbytes,
-                    "pristine_bytes": self.lm.pristine_nbytes(),
-                    "merge_kernel": kernel_name(self.base.device, self.base.dtype, fused=self.lm.fused_merges),
-                    "fingerprint": fingerprint(self.base.model, pristine=False) if fingerprints else None,
-                    "pristine_fingerprint": fingerprint(self.base.model, pristine=True) if fingerprints else None,
-                }
+            kind = "switch" if self.lm.merged_adapter not in (None, name) else "merge"
+            with self.lock:  # the pin changes with the weights: a state read under the lock sees both or neither
+                self._set_merged(name, kind, preloaded=preloaded)
+                self.pinned = True
+            return self._snapshot()
 
         return await self._call(do)
+
+    async def unmerge(self) -> dict:
+        def do() -> dict:
+            with self.lock:
+                self._set_merged(None, "unmerge")
+                self.pinned = False
+            return self._snapshot()
+
+        return await self._call(do)
+
+    async def state(self, fingerprints: bool = True) -> dict:
+        """The merge state. With `fingerprints`, sha256 of the base weights as they are now and of the pristine
+        ones (hashed once, then cached: W0 never changes), computed in a worker thread; without, both are None."""
+        if not fingerprints:
+            return await self._call(self._snapshot)
+        # A trip through the queue first, so that every control queued before this call (the forget that a
+        # DELETE or an overwrite queued) has run: the answer then reflects it, as the plain state does.
+        await self._call(lambda: None)
+        return await asyncio.to_thread(self._fingerprinted_state)
+
+    def _snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "merged_adapter": self.lm.merged_adapter,
+                "pinned": self.pinned,
+                "mode": "merged" if self.lm.merged_adapter else "unmerged",
+                "merge_policy": self.policy.describe(),
+                "resident_adapters": list(self.resident),
+                "host_cached_adapters": self.host_cache.names(),
+                "host_cache_bytes": self.host_cache.nbytes,
+                "pristine_bytes": self.lm.pristine_nbytes(),
+                "merge_kernel": kernel_name(self.base.device, self.base.dtype, fused=self.lm.fused_merges),
+                "fingerprint": None,
+                "pristine_fingerprint": None,
+            }
+
+    def _fingerprinted_state(self) -> dict:
+        """Worker thread, never the loop thread: the lock is held just for the state and the hashes, so the
+        weights cannot change mid-hash and the state matches them; batches wait for the hash, and a merge
+        or unmerge waits only when it arrives during one."""
+        with self.lock:
+            state = self._snapshot()
+            if self._pristine_fingerprint is None:  # under the lock: concurrent first requests hash it once
+                self._pristine_fingerprint = fingerprint(self.lm, pristine=True)
+            state.update(fingerprint=fingerprint(self.lm), pristine_fingerprint=self._pristine_fingerprint)
+        return state
 
     # ------------------------------------------------------------------ inference API
     def _check_task(self, kind: str) -> None:

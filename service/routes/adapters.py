@@ -97,5 +97,6 @@ async def remove_adapter(name: Name, store: StoreDep, engine: EngineDep) -> Dele
              responses=error_responses(404, 422, 503))
 async def merge_adapter(name: Name, engine: EngineDep) -> StateResponse:
     """W = W0 + s·B·A in place: zero overhead for requests naming it. Pins merged mode until
-    POST /v1/unmerge; requests naming other adapters or `base` are still served exactly."""
+    POST /v1/unmerge; requests naming other adapters or `base` are still served exactly. The state answered
+    has null fingerprints (hashing is left to `GET /v1/state?fingerprints=true`)."""
     return StateResponse(**await engine.merge(name))

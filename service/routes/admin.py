@@ -14,17 +14,23 @@ from service.schemas import ComposeRequest, ComposeResponse, StateResponse
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", tags=["admin"], dependencies=[RequireAdmin], responses=error_responses(401, 403, 503))
+FingerprintsQuery = Annotated[bool, Query(description="Also hash the base weights: sha256 over every Linear/Conv1D "
+                                                      "weight, which reads them all")]
 
 
-@router.get("/state", response_model=StateResponse, summary="Merge state, resident adapters and fingerprints")
-async def get_state(engine: EngineDep) -> StateResponse:
-    """`fingerprint` is a sha256 over every base weight a merge can change, computed now;
-    `pristine_fingerprint` is the same over the saved originals. They are equal when nothing is merged."""
-    return StateResponse(**await engine.state())
+@router.get("/state", response_model=StateResponse, summary="Merge state, resident adapters, fingerprints on request",
+            responses=error_responses(422))  # a `fingerprints` that is not a boolean
+async def get_state(engine: EngineDep, fingerprints: FingerprintsQuery = False) -> StateResponse:
+    """With `?fingerprints=true`, `fingerprint` is a sha256 over every base weight a merge can change, computed
+    now, and `pristine_fingerprint` the same over the pristine weights (computed once, then cached); they are
+    equal when nothing is merged. Without it both are null, and the answer costs no hashing. Inference waits
+    only for the hash itself (it runs in a worker thread, under the engine's lock)."""
+    return StateResponse(**await engine.state(fingerprints=fingerprints))
 
 
 @router.post("/unmerge", response_model=StateResponse, summary="Restore the pristine base weights (bit-exact)")
 async def unmerge(engine: EngineDep) -> StateResponse:
+    """Answers the state without fingerprints (null); `GET /v1/state?fingerprints=true` checks the restore."""
     return StateResponse(**await engine.unmerge())
 
 

@@ -17,7 +17,7 @@ from adapters import to_peft_bytes, to_single_file_bytes
 
 
 def _snapshot(client: TestClient) -> tuple[int, str, list[str]]:
-    state = client.get("/v1/state").json()
+    state = client.get("/v1/state", params={"fingerprints": "true"}).json()
     store = client.app.state.store
     return store.count(), state["fingerprint"], sorted(sha for sha, _ in store.blobs.list())
 

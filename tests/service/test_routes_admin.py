@@ -19,6 +19,13 @@ def _embed(client: TestClient, model: str, text: str = "merge me") -> torch.Tens
     return torch.tensor(r.json()["data"][0]["embedding"])
 
 
+def _state(client: TestClient) -> dict:
+    """/v1/state with its fingerprints, which merge and unmerge responses (and a plain GET) leave null."""
+    r = client.get("/v1/state", params={"fingerprints": "true"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 def _upload(client: TestClient, name: str, weights: LoraWeights) -> dict:
     r = client.put(f"/v1/adapters/{name}", files=peft_files(weights))
     assert r.status_code == 201, r.text
@@ -26,7 +33,7 @@ def _upload(client: TestClient, name: str, weights: LoraWeights) -> dict:
 
 
 def test_state_when_nothing_is_merged(bert_client: TestClient):
-    state = bert_client.get("/v1/state").json()
+    state = _state(bert_client)
     assert state["merged_adapter"] is None and state["mode"] == "unmerged"
     assert state["fingerprint"] == state["pristine_fingerprint"] and len(state["fingerprint"]) == 64
     assert isinstance(state["resident_adapters"], list) and state["merge_policy"]["policy"] == "auto"
@@ -34,49 +41,90 @@ def test_state_when_nothing_is_merged(bert_client: TestClient):
     assert state["merge_kernel"] == ("fused" if fused_kernel_available() else "addmm")
 
 
+def test_merge_unmerge_and_plain_state_answer_without_hashing(bert_client: TestClient, unique: str, monkeypatch):
+    """A switch over HTTP costs the switch: its answer carries null fingerprints, and nothing is hashed
+    until a client asks with ?fingerprints=true."""
+    import service.engine.engine as engine_module
+
+    calls: list[bool] = []
+    real = engine_module.fingerprint
+
+    def counting(lm, *, pristine: bool = False) -> str:
+        calls.append(pristine)
+        return real(lm, pristine=pristine)
+
+    monkeypatch.setattr(engine_module, "fingerprint", counting)
+    _upload(bert_client, f"{unique}-a", make_adapter(BERT_TARGETS, seed=41))
+    _upload(bert_client, f"{unique}-b", make_adapter(BERT_TARGETS, seed=42))
+    answers = []
+    try:
+        answers.append(bert_client.post(f"/v1/adapters/{unique}-a/merge"))
+        answers.append(bert_client.post(f"/v1/adapters/{unique}-b/merge"))  # a switch
+        answers.append(bert_client.get("/v1/state"))
+    finally:
+        answers.append(bert_client.post("/v1/unmerge"))
+    assert [r.status_code for r in answers] == [200] * 4
+    assert [r.json()["merged_adapter"] for r in answers] == [f"{unique}-a", f"{unique}-b", f"{unique}-b", None]
+    assert all(r.json()["fingerprint"] is None and r.json()["pristine_fingerprint"] is None for r in answers)
+    assert calls == []
+    state = _state(bert_client)
+    assert state["fingerprint"] == state["pristine_fingerprint"] and len(state["fingerprint"]) == 64
+    assert False in calls  # the current weights are hashed on every request that asks
+    bad = bert_client.get("/v1/state", params={"fingerprints": "maybe"})
+    assert bad.status_code == 422 and bad.json()["error"]["message"], bad.text
+
+
 def test_fingerprint_does_not_depend_on_resident_adapters(bert_client: TestClient, unique: str):
-    before = bert_client.get("/v1/state").json()["fingerprint"]
+    before = _state(bert_client)["fingerprint"]
     _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=12))
     _embed(bert_client, unique)  # now resident: its layers are wrapped, the base weights untouched
     assert unique in bert_client.get("/v1/state").json()["resident_adapters"]
-    assert bert_client.get("/v1/state").json()["fingerprint"] == before
+    assert _state(bert_client)["fingerprint"] == before
 
 
 def test_fingerprints_around_merge_and_unmerge(bert_client: TestClient, unique: str):
     _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=11))
     unmerged, base = _embed(bert_client, unique), _embed(bert_client, "base")
-    before = bert_client.get("/v1/state").json()
+    before = _state(bert_client)
     r = bert_client.post(f"/v1/adapters/{unique}/merge")
     try:
         assert r.status_code == 200, r.text
-        merged = r.json()
+        assert r.json()["merged_adapter"] == unique and r.json()["mode"] == "merged" and r.json()["pinned"]
+        merged = _state(bert_client)
         assert merged["merged_adapter"] == unique and merged["mode"] == "merged" and merged["pinned"]
         assert merged["fingerprint"] != merged["pristine_fingerprint"]
         assert merged["pristine_fingerprint"] == before["fingerprint"]
-        assert bert_client.get("/v1/state").json()["fingerprint"] == merged["fingerprint"]
+        assert _state(bert_client)["fingerprint"] == merged["fingerprint"]
         # Merged or not, every request gets the same answer.
         torch.testing.assert_close(_embed(bert_client, unique), unmerged, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(_embed(bert_client, "base"), base, atol=1e-5, rtol=1e-4)
     finally:
         r = bert_client.post("/v1/unmerge")
     assert r.status_code == 200
-    after = r.json()
+    assert r.json()["merged_adapter"] is None and not r.json()["pinned"]
+    after = _state(bert_client)
     assert after["merged_adapter"] is None and not after["pinned"]
     assert after["fingerprint"] == after["pristine_fingerprint"] == before["fingerprint"]  # bit-exact restore
     assert torch.equal(_embed(bert_client, "base"), base)
 
 
 def test_switching_merged_adapters_restores_exactly(bert_client: TestClient, unique: str):
-    before = bert_client.get("/v1/state").json()["fingerprint"]
+    before = _state(bert_client)["fingerprint"]
     _upload(bert_client, f"{unique}-a", make_adapter(BERT_TARGETS, seed=1))
     _upload(bert_client, f"{unique}-b", make_adapter(BERT_TARGETS, seed=2))
+
+    def merge(name: str) -> str:
+        assert bert_client.post(f"/v1/adapters/{name}/merge").status_code == 200
+        return _state(bert_client)["fingerprint"]
+
     try:
-        a = bert_client.post(f"/v1/adapters/{unique}-a/merge").json()["fingerprint"]
-        b = bert_client.post(f"/v1/adapters/{unique}-b/merge").json()["fingerprint"]
+        a = merge(f"{unique}-a")
+        b = merge(f"{unique}-b")
         assert len({before, a, b}) == 3
-        assert bert_client.post(f"/v1/adapters/{unique}-a/merge").json()["fingerprint"] == a
+        assert merge(f"{unique}-a") == a
     finally:
-        assert bert_client.post("/v1/unmerge").json()["fingerprint"] == before
+        assert bert_client.post("/v1/unmerge").status_code == 200
+        assert _state(bert_client)["fingerprint"] == before
 
 
 def test_refused_merge_leaves_the_base_untouched(gpt2_client: TestClient, unique: str):
@@ -87,11 +135,11 @@ def test_refused_merge_leaves_the_base_untouched(gpt2_client: TestClient, unique
     weights = LoraWeights(LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]),
                           {"lm_head": (torch.randn(2, 32, generator=gen), torch.randn(vocab, 2, generator=gen))})
     _upload(gpt2_client, unique, weights)
-    before = gpt2_client.get("/v1/state").json()
+    before = _state(gpt2_client)
     r = gpt2_client.post(f"/v1/adapters/{unique}/merge")
     assert r.status_code == 422 and r.json()["error"]["type"] == "merge_error", r.text
     assert "tied" in r.json()["error"]["message"]
-    after = gpt2_client.get("/v1/state").json()
+    after = _state(gpt2_client)
     assert after["merged_adapter"] is None and after["fingerprint"] == before["fingerprint"]
     done = gpt2_client.post("/v1/completions", json={"model": unique, "prompt": "hello", "max_tokens": 2})
     assert done.status_code == 200 and gpt2_client.get("/readyz").status_code == 200
@@ -101,19 +149,19 @@ def test_an_adapter_whose_merge_would_overflow_is_refused_at_upload(bert_client:
     """Finite factors whose product overflows float32 never reach the store, so never a merge."""
     huge = make_adapter(BERT_TARGETS, scale=1.0)
     huge.lora = {p: (a * 1e20, b * 1e20) for p, (a, b) in huge.lora.items()}
-    before = bert_client.get("/v1/state").json()
+    before = _state(bert_client)
     r = bert_client.put(f"/v1/adapters/{unique}", files=peft_files(huge))
     assert r.status_code == 422 and "s·B·A" in r.json()["error"]["message"], r.text
     assert bert_client.get(f"/v1/adapters/{unique}").status_code == 404
-    assert bert_client.get("/v1/state").json()["fingerprint"] == before["fingerprint"]
+    assert _state(bert_client)["fingerprint"] == before["fingerprint"]
 
 
 def test_delete_of_the_merged_adapter_unmerges(bert_client: TestClient, unique: str):
-    before = bert_client.get("/v1/state").json()["fingerprint"]
+    before = _state(bert_client)["fingerprint"]
     _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=3))
     assert bert_client.post(f"/v1/adapters/{unique}/merge").status_code == 200
     assert bert_client.delete(f"/v1/adapters/{unique}").status_code == 200
-    state = bert_client.get("/v1/state").json()
+    state = _state(bert_client)
     assert state["merged_adapter"] is None and state["fingerprint"] == before
 
 
@@ -207,17 +255,18 @@ def test_compose_errors_change_nothing(bert_client: TestClient, unique: str, cas
 
 def test_overwriting_a_pinned_merged_adapter_keeps_it_merged_in_its_new_version(bert_client: TestClient, unique: str):
     _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=31))
-    old = bert_client.post(f"/v1/adapters/{unique}/merge").json()
+    assert bert_client.post(f"/v1/adapters/{unique}/merge").status_code == 200
+    old = _state(bert_client)
     try:
         r = bert_client.put(f"/v1/adapters/{unique}?overwrite=true", files=peft_files(make_adapter(BERT_TARGETS,
                                                                                                   seed=32)))
         assert r.status_code == 201 and r.json()["version"] == 2
-        state = bert_client.get("/v1/state").json()
+        state = _state(bert_client)
         assert state["merged_adapter"] == unique and state["pinned"]
         assert state["fingerprint"] not in (old["fingerprint"], state["pristine_fingerprint"])  # the new version
     finally:
         bert_client.post("/v1/unmerge")
-    assert bert_client.get("/v1/state").json()["fingerprint"] == old["pristine_fingerprint"]
+    assert _state(bert_client)["fingerprint"] == old["pristine_fingerprint"]
 
 
 def test_merge_kernel_addmm_setting_merges_through_addmm_with_the_same_result(model_dirs, tmp_path, bert_client,
@@ -233,10 +282,11 @@ def test_merge_kernel_addmm_setting_merges_through_addmm_with_the_same_result(mo
     with TestClient(create_app(settings), headers=bearer(ADMIN_KEY)) as client:
         assert client.get("/v1/state").json()["merge_kernel"] == "addmm"
         _upload(client, unique, weights)
-        pristine = client.get("/v1/state").json()["fingerprint"]
+        pristine = _state(client)["fingerprint"]
         assert client.post(f"/v1/adapters/{unique}/merge").status_code == 200
         by_addmm = _embed(client, unique)
-        assert client.post("/v1/unmerge").json()["fingerprint"] == pristine
+        assert client.post("/v1/unmerge").status_code == 200
+        assert _state(client)["fingerprint"] == pristine
     _upload(bert_client, unique, weights)
     assert bert_client.post(f"/v1/adapters/{unique}/merge").status_code == 200
     try:

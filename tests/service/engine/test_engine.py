@@ -92,7 +92,8 @@ def test_mode_switches_under_load_change_no_result(bert_dir):
             results, state = await asyncio.gather(load, switch)
             outs.append(results)
             assert state["merged_adapter"] == target
-        final = await engine.unmerge()
+        await engine.unmerge()
+        final = await engine.state(fingerprints=True)
         await engine.stop()
         return reference, outs, pristine, final
 
