@@ -187,12 +187,10 @@ class SeaweedS3Server:
         # weed mini also opens master/volume/filer ports; -ip.bind keeps them all on loopback.
         log = open(self._log, "ab")  # noqa: SIM115 - the child keeps it open
         self.proc = subprocess.Popen(
-            [binary, "mini", f"-dir={self.root / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
+            [binary, f"-logdir={self.root}", "mini", f"-dir={self.root / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
              f"-s3.port={self.port}", f"-s3.config={config}", "-webdav=false", "-admin.ui=false",
-             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-             f"-logdir={self.root}"],
-            stdout=log, stderr=log, cwd=self.root, start_new_session=True,
-            env={**os.environ, "TMPDIR": str(self.root)})  # its gRPC socket files, not in /tmp
+             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"],
+            stdout=log, stderr=log, cwd=self.root, start_new_session=True)
         log.close()
         try:
             _wait_for_port(self.port, self.proc, 60, "weed mini")
@@ -223,8 +221,11 @@ class SeaweedS3Server:
         raise ServerUnavailable(f"weed mini was not writable in 60 s: {last}")
 
     def stop(self) -> None:
-        _stop(self.proc, 10)
+        _stop(self.proc, 5)
         self.proc = None
+        # weed puts its local gRPC sockets in /tmp whatever TMPDIR says; named after the S3 port (gRPC: + 10000).
+        for name in (f"seaweedfs-s3-{self.port}.sock", f"seaweedfs-s3-grpc-{self.port + 10000}.sock"):
+            Path("/tmp", name).unlink(missing_ok=True)
 
     def __enter__(self) -> SeaweedS3Server:
         self.start()
