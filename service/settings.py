@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     # ---------------------------------------------------------------- the store
     store: Path = Path("store")
     """Adapter store directory (created if missing; keep it on a durable volume)."""
+    index_url: str | None = Field(None, repr=False)
+    """Shared adapter index for several servers: postgresql://user:pass@host:5432/db (default: SQLite in --store)."""
+    blob_url: str | None = None
+    """Shared adapter files: s3://bucket/prefix (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...),
+    or file:///path on a shared volume (default: under --store)."""
+    name_cache_ttl_s: float = Field(5.0, ge=0, le=3600)
+    """With --index-url: longest a resolved adapter name stays in memory (kept exact by NOTIFY; 0: no cache)."""
     max_rank: int = Field(64, ge=1, le=4096)
     """Largest LoRA rank accepted on upload (a larger one is refused with 422)."""
     max_upload_bytes: ByteSize = Field(ByteSize(64 * _MiB), ge=1024)
@@ -135,6 +142,25 @@ class Settings(BaseSettings):
         # LORA_STORE= (set but empty) would otherwise become Path(""), the current directory.
         return "store" if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("index_url", "blob_url", mode="before")
+    @classmethod
+    def _empty_url_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("index_url")
+    @classmethod
+    def _check_index_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("--index-url must be a PostgreSQL URL: postgresql://user:password@host:5432/database")
+        return value
+
+    @field_validator("blob_url")
+    @classmethod
+    def _check_blob_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not re.match(r"^(s3://[^/]+|file://)", value):
+            raise ValueError("--blob-url must be s3://bucket[/prefix], file:///path or a path")
+        return value
+
     @field_validator("store")
     @classmethod
     def _check_store(cls, value: Path) -> Path:
@@ -168,4 +194,6 @@ class Settings(BaseSettings):
         """Settings for logs and /v1/state: keys are replaced by their count."""
         data = self.model_dump(mode="json", exclude={"admin_keys", "inference_keys"})
         data.update(admin_keys=len(self.admin_keys), inference_keys=len(self.inference_keys))
+        if self.index_url:  # the password, if the URL carries one, stays out of logs
+            data["index_url"] = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.index_url)
         return data
