@@ -25,7 +25,8 @@ def open_index(url: str, *, name_cache_ttl_s: float = 5.0) -> AdapterIndex:
     try:
         from service.storage.postgres_index import PostgresIndex
     except ImportError as exc:
-        raise RuntimeError(f"--index-url needs psycopg and psycopg-pool: pip install 'lora-service[shared]' ({exc})")
+        raise RuntimeError(f"--index-url needs psycopg and psycopg-pool: pip install 'lora-service[shared]' "
+                           f"({exc})") from exc
     index = PostgresIndex(url)
     if name_cache_ttl_s <= 0:
         return index
@@ -39,7 +40,7 @@ def open_blob_store(url: str) -> BlobStore:
         try:
             from service.storage.s3_blobs import S3BlobStore
         except ImportError as exc:
-            raise RuntimeError(f"an s3:// --blob-url needs boto3: pip install 'lora-service[shared]' ({exc})")
+            raise RuntimeError(f"an s3:// --blob-url needs boto3: pip install 'lora-service[shared]' ({exc})") from exc
         return S3BlobStore(url)
     path = Path(unquote(urlparse(url).path)) if url.startswith("file://") else Path(url)
     from service.storage.local_blobs import LocalBlobStore  # the seam's local directory store
