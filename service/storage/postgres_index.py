@@ -223,9 +223,13 @@ class PostgresIndex:
         """Wait until every name cache holding a live lease has acknowledged change `seq` (or its lease ran out)."""
         deadline, pause = time.monotonic() + self.ack_timeout_s, 0.0005
         while True:
-            waiting = self._run(lambda c: c.execute(
-                "SELECT count(*) FROM listeners WHERE lease_until > clock_timestamp() AND acked_seq < %s",
-                (seq,)).fetchone()[0])
+            try:
+                waiting = self._run(lambda c: c.execute(
+                    "SELECT count(*) FROM listeners WHERE lease_until > clock_timestamp() AND acked_seq < %s",
+                    (seq,)).fetchone()[0])
+            except StorageUnavailableError as exc:  # the write is committed; caches cut off from it lose their lease
+                log.warning("index: could not wait for name caches to acknowledge change %d: %s", seq, exc)
+                return
             if not waiting:
                 return
             if time.monotonic() >= deadline:
