@@ -165,3 +165,37 @@ def test_the_listener_row_goes_at_close(postgres_url):
     reader.close()
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM listeners").fetchone()[0] == 0
+
+
+def test_concurrent_readers_never_see_a_version_older_than_the_last_completed_write(postgres_url):
+    """Servers B and C (caches) read in a loop while A overwrites; each get must answer at least the version of
+    the last put that had returned before the get started."""
+    url = create_database(postgres_url)
+    writer = CachedIndex(PostgresIndex(url, timeout_s=2), ttl_s=30, lease_s=1.5)
+    readers = [CachedIndex(PostgresIndex(url, timeout_s=2), ttl_s=30, lease_s=1.5) for _ in range(2)]
+    try:
+        wait_until(lambda: writer.trusted and all(r.trusted for r in readers))
+        completed = writer.put(new("race"), overwrite=False)[0].version
+        stop, stale, reads = threading.Event(), [], [0]
+
+        def read(reader):
+            while not stop.is_set():
+                floor = completed
+                got = reader.get("race").version
+                reads[0] += 1
+                if got < floor:
+                    stale.append((floor, got))
+
+        threads = [threading.Thread(target=read, args=(r,)) for r in readers]
+        for t in threads:
+            t.start()
+        for i in range(60):
+            completed = writer.put(new("race", "ab"[i % 2]), overwrite=True)[0].version
+        stop.set()
+        for t in threads:
+            t.join()
+        assert stale == [] and reads[0] > 60
+        assert sum(r.stats["hits"] for r in readers) > 0  # the cache did answer in between
+    finally:
+        for c in (*readers, writer):
+            c.close()

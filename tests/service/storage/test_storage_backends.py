@@ -53,3 +53,14 @@ def test_a_file_url_is_local_blobs_on_a_shared_volume(tmp_path):
     index, blobs = open_backends(Settings(store=tmp_path / "s", blob_url=f"file://{tmp_path / 'shared'}"))
     assert index is None and type(blobs).__name__ == "LocalBlobStore"
     blobs.close()
+
+
+def test_settings_refuse_other_urls_and_hide_the_password(tmp_path):
+    with pytest.raises(ValueError, match="PostgreSQL URL"):
+        Settings(store=tmp_path, index_url="mysql://db/x")
+    with pytest.raises(ValueError, match="s3://bucket"):
+        Settings(store=tmp_path, blob_url="https://bucket.example/x")
+    settings = Settings(store=tmp_path, index_url="postgresql://lora:s3cret@db:5432/lora", blob_url="/mnt/shared")
+    assert settings.public_dict()["index_url"] == "postgresql://lora:***@db:5432/lora"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.public_dict())
+    assert Settings(store=tmp_path, index_url=" ", blob_url="").index_url is None  # LORA_INDEX_URL= (empty)
