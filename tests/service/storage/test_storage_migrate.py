@@ -99,3 +99,25 @@ def test_cli_between_urls(postgres_url, s3_settings, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out) == {"copied": 0, "skipped": 3, "conflicts": []}
     src.close()
     src_blobs.close()
+
+
+def test_cli_from_a_local_store_and_back(tmp_path, postgres_url, s3_settings, monkeypatch, capsys):
+    storage = pytest.importorskip("service.storage", reason="the local store comes with the storage seam")
+    if not hasattr(storage, "local_store"):
+        pytest.skip("the local store (service.storage.local_store) comes with the storage seam")
+    for var, key in (("AWS_ENDPOINT_URL", "endpoint_url"), ("AWS_ACCESS_KEY_ID", "access_key_id"),
+                     ("AWS_SECRET_ACCESS_KEY", "secret_access_key"), ("AWS_DEFAULT_REGION", "region")):
+        monkeypatch.setenv(var, s3_settings[key])
+    src = storage.local_store(tmp_path / "src")
+    fill(src.index, src.blobs)
+    before = snapshot(src.index)
+    src.close()
+    db = create_database(postgres_url)
+    blob_url = f"s3://{s3_settings['bucket']}/local-{db.rsplit('/', 1)[1]}"
+    assert main(["--from-store", str(tmp_path / "src"), "--to-index-url", db, "--to-blob-url", blob_url]) == 0
+    assert json.loads(capsys.readouterr().out)["copied"] == 3
+    assert main(["--from-index-url", db, "--from-blob-url", blob_url, "--to-store", str(tmp_path / "back")]) == 0
+    back = storage.local_store(tmp_path / "back")
+    assert snapshot(back.index) == before
+    assert {f: back.blobs.get(blob(2)[0], f) for f in FILENAMES} == blob(2)[1]
+    back.close()
