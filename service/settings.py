@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     # ---------------------------------------------------------------- the store
     store: Path = Path("store")
     """Adapter store directory (created if missing; keep it on a durable volume)."""
+    max_rank: int = Field(64, ge=1, le=4096)
+    """Largest LoRA rank accepted on upload (a larger one is refused with 422)."""
+    max_upload_bytes: ByteSize = Field(ByteSize(64 * _MiB), ge=1024)
+    """Largest upload body, enforced while it streams (a larger one is refused with 413)."""
+    max_request_bytes: ByteSize = Field(ByteSize(4 * _MiB), ge=1024)
+    """Largest JSON request body (inference, compose); a larger one is refused with 413."""
+
+    # ---------------------------------------------------------------- a store shared by several servers
     index_url: str | None = Field(None, repr=False)
     """Shared adapter index for several servers: postgresql://user:pass@host:5432/db (default: SQLite in --store)."""
     blob_url: str | None = None
@@ -62,12 +70,6 @@ class Settings(BaseSettings):
     or file:///path on a shared volume (default: under --store)."""
     name_cache_ttl_s: float = Field(5.0, ge=0, le=3600)
     """With --index-url: longest a resolved adapter name stays in memory (kept exact by NOTIFY; 0: no cache)."""
-    max_rank: int = Field(64, ge=1, le=4096)
-    """Largest LoRA rank accepted on upload (a larger one is refused with 422)."""
-    max_upload_bytes: ByteSize = Field(ByteSize(64 * _MiB), ge=1024)
-    """Largest upload body, enforced while it streams (a larger one is refused with 413)."""
-    max_request_bytes: ByteSize = Field(ByteSize(4 * _MiB), ge=1024)
-    """Largest JSON request body (inference, compose); a larger one is refused with 413."""
 
     # ---------------------------------------------------------------- HTTP
     host: str = "127.0.0.1"
@@ -126,22 +128,6 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
         return value
 
-    @field_validator("base_model")
-    @classmethod
-    def _check_base_model(cls, value: str | None) -> str | None:
-        if value in (None, ""):
-            return None
-        if not Path(value).is_dir():
-            raise ValueError(f"{value!r} is not a directory; the base model must be a local Hugging Face "
-                             "checkpoint directory (nothing is downloaded)")
-        return value
-
-    @field_validator("store", mode="before")
-    @classmethod
-    def _empty_store_is_the_default(cls, value: Any) -> Any:
-        # LORA_STORE= (set but empty) would otherwise become Path(""), the current directory.
-        return "store" if isinstance(value, str) and not value.strip() else value
-
     @field_validator("index_url", "blob_url", mode="before")
     @classmethod
     def _empty_url_is_none(cls, value: Any) -> Any:
@@ -160,6 +146,22 @@ class Settings(BaseSettings):
         if value is not None and "://" in value and not re.match(r"^(s3://[^/]+|file://)", value):
             raise ValueError("--blob-url must be s3://bucket[/prefix], file:///path or a path")
         return value
+
+    @field_validator("base_model")
+    @classmethod
+    def _check_base_model(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not Path(value).is_dir():
+            raise ValueError(f"{value!r} is not a directory; the base model must be a local Hugging Face "
+                             "checkpoint directory (nothing is downloaded)")
+        return value
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _empty_store_is_the_default(cls, value: Any) -> Any:
+        # LORA_STORE= (set but empty) would otherwise become Path(""), the current directory.
+        return "store" if isinstance(value, str) and not value.strip() else value
 
     @field_validator("store")
     @classmethod
