@@ -65,6 +65,15 @@ def _stop(proc: subprocess.Popen | None, timeout_s: float) -> None:
         proc.wait(10)
 
 
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
 class PostgresServer:
     """A PostgreSQL 15 cluster in a fresh directory under /tmp, run as the `postgres` user (PostgreSQL refuses
     root, and pytest's tmp_path is private to root, hence not under it); `cleanup()` removes it."""
@@ -179,6 +188,7 @@ class SeaweedS3Server:
 
     def start(self) -> None:
         binary = self.binary()
+        self._started_at = time.time()
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         config = self.root / "s3.json"
         config.write_text(json.dumps({"identities": [{
@@ -221,11 +231,16 @@ class SeaweedS3Server:
         raise ServerUnavailable(f"weed mini was not writable in 60 s: {last}")
 
     def stop(self) -> None:
+        if self.proc is None:
+            return
         _stop(self.proc, 5)
         self.proc = None
-        # weed puts its local gRPC sockets in /tmp whatever TMPDIR says; named after the S3 port (gRPC: + 10000).
-        for name in (f"seaweedfs-s3-{self.port}.sock", f"seaweedfs-s3-grpc-{self.port + 10000}.sock"):
-            Path("/tmp", name).unlink(missing_ok=True)
+        # weed leaves its local gRPC socket files in /tmp whatever TMPDIR says. Remove those made since our start
+        # that nothing listens on any more (another job's live weed keeps its own).
+        for sock in Path("/tmp").glob("seaweedfs-*.sock"):
+            with contextlib.suppress(OSError):
+                if sock.stat().st_mtime >= self._started_at - 1 and not _listening(sock):
+                    sock.unlink()
 
     def __enter__(self) -> SeaweedS3Server:
         self.start()
