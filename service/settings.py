@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     max_request_bytes: ByteSize = Field(ByteSize(4 * _MiB), ge=1024)
     """Largest JSON request body (inference, compose); a larger one is refused with 413."""
 
+    # ---------------------------------------------------------------- a store shared by several servers
+    index_url: str | None = Field(None, repr=False)
+    """Shared adapter index for several servers: postgresql://user:pass@host:5432/db (default: SQLite in --store)."""
+    blob_url: str | None = None
+    """Shared adapter files: s3://bucket/prefix (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...),
+    or file:///path on a shared volume (default: under --store)."""
+    name_cache_ttl_s: float = Field(5.0, ge=0, le=3600)
+    """With --index-url: longest a resolved adapter name stays in memory (kept exact by NOTIFY; 0: no cache)."""
+
     # ---------------------------------------------------------------- HTTP
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0 exposes the service; configure API keys first)."""
@@ -120,6 +129,25 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
         return value
 
+    @field_validator("index_url", "blob_url", mode="before")
+    @classmethod
+    def _empty_url_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("index_url")
+    @classmethod
+    def _check_index_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("--index-url must be a PostgreSQL URL: postgresql://user:password@host:5432/database")
+        return value
+
+    @field_validator("blob_url")
+    @classmethod
+    def _check_blob_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not re.match(r"^(s3://[^/]+|file://)", value):
+            raise ValueError("--blob-url must be s3://bucket[/prefix], file:///path or a path")
+        return value
+
     @field_validator("base_model")
     @classmethod
     def _check_base_model(cls, value: str | None) -> str | None:
@@ -169,4 +197,6 @@ class Settings(BaseSettings):
         """Settings for logs and /v1/state: keys are replaced by their count."""
         data = self.model_dump(mode="json", exclude={"admin_keys", "inference_keys"})
         data.update(admin_keys=len(self.admin_keys), inference_keys=len(self.inference_keys))
+        if self.index_url:  # the password, if the URL carries one, stays out of logs
+            data["index_url"] = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", self.index_url)
         return data

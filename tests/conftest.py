@@ -1,0 +1,53 @@
+"""Session-wide real servers for the shared-store backends (tests/infra.py): started on first use, stopped at the end.
+
+    postgres_url   postgresql://postgres@127.0.0.1:<port>/postgres     (a throwaway PostgreSQL 15)
+    s3_settings    {"endpoint_url", "region", "access_key_id", "secret_access_key", "bucket"}  (SeaweedFS)
+
+Each is skipped, with the reason, where the server cannot run. `make_postgres_index(url)` and
+`make_s3_blobs(settings)` return a fresh, empty backend on them each time (a new database, a new key
+prefix; both in tests/infra.py), for the backends' tests and for the storage contract suite's backend fixtures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from infra import PostgresServer, SeaweedS3Server, ServerUnavailable
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    pytest.importorskip("psycopg", reason="psycopg is in the `shared` and `test` extras")
+    server = PostgresServer()
+    try:
+        server.init()
+        server.start()
+    except ServerUnavailable as exc:
+        server.cleanup()
+        pytest.skip(f"PostgreSQL cannot run here: {exc}")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    return postgres_server.url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3Server]:
+    pytest.importorskip("boto3", reason="boto3 is in the `shared` and `test` extras")
+    server = SeaweedS3Server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except ServerUnavailable as exc:
+        pytest.skip(f"SeaweedFS cannot run here: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_settings(s3_server: SeaweedS3Server) -> dict[str, Any]:
+    return s3_server.settings

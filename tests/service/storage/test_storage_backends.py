@@ -1,0 +1,66 @@
+"""open_backends: settings to (index, blobs); the shared ones on real servers, None for the local defaults."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from infra import create_database
+
+from service.settings import Settings
+from service.storage.backends import open_backends
+from service.storage.name_cache import CachedIndex
+from service.storage.postgres_index import PostgresIndex
+from service.storage.s3_blobs import S3BlobStore
+
+
+def test_no_urls_means_the_local_defaults(tmp_path):
+    assert open_backends(Settings(store=tmp_path)) == (None, None)
+
+
+@pytest.fixture
+def aws_env(s3_settings, monkeypatch):
+    """The standard AWS variables, as a deployment would set them (boto3 reads them itself)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_settings["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_settings["access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_settings["secret_access_key"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_settings["region"])
+
+
+def test_postgres_and_s3_urls(postgres_url, aws_env, tmp_path):
+    settings = Settings(store=tmp_path, index_url=create_database(postgres_url), blob_url="s3://lora-backends/x")
+    index, blobs = open_backends(settings)
+    try:
+        assert isinstance(index, CachedIndex) and isinstance(blobs, S3BlobStore)
+        assert (blobs.bucket, blobs.prefix) == ("lora-backends", "x")
+        assert blobs.put("ab" * 32, {"adapter_config.json": b"{}"}) and blobs.exists("ab" * 32)
+        assert index.count() == 0 and index.set_meta_if_absent("k", "v") == "v"
+    finally:
+        index.close()
+        blobs.close()
+
+
+def test_no_name_cache_when_its_ttl_is_zero(postgres_url, tmp_path):
+    index, blobs = open_backends(Settings(store=tmp_path, index_url=create_database(postgres_url),
+                                          name_cache_ttl_s=0))
+    assert isinstance(index, PostgresIndex) and blobs is None
+    index.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("service.storage.local_blobs") is None,
+                    reason="LocalBlobStore comes with the storage seam")
+def test_a_file_url_is_local_blobs_on_a_shared_volume(tmp_path):
+    index, blobs = open_backends(Settings(store=tmp_path / "s", blob_url=f"file://{tmp_path / 'shared'}"))
+    assert index is None and type(blobs).__name__ == "LocalBlobStore"
+    blobs.close()
+
+
+def test_settings_refuse_other_urls_and_hide_the_password(tmp_path):
+    with pytest.raises(ValueError, match="PostgreSQL URL"):
+        Settings(store=tmp_path, index_url="mysql://db/x")
+    with pytest.raises(ValueError, match="s3://bucket"):
+        Settings(store=tmp_path, blob_url="https://bucket.example/x")
+    settings = Settings(store=tmp_path, index_url="postgresql://lora:s3cret@db:5432/lora", blob_url="/mnt/shared")
+    assert settings.public_dict()["index_url"] == "postgresql://lora:***@db:5432/lora"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.public_dict())
+    assert Settings(store=tmp_path, index_url=" ", blob_url="").index_url is None  # LORA_INDEX_URL= (empty)
