@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from conftest import sync
+from cuda_sync import sync
 
 import adapters as A
 from benchmarks.gpu.models import gpt2, llama, ours_from_peft, peft_with_adapters

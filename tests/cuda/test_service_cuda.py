@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from conftest import sync
+from cuda_sync import sync
 from fastapi.testclient import TestClient
 from http_testkit import ADMIN_KEY, GPT2_TARGETS, bearer, build_gpt2, make_adapter, make_settings, peft_files
 
