@@ -27,13 +27,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from adapters import UnknownAdapterError
+from service.storage.errors import AdapterExistsError
 from service.storage.interfaces import AdapterRecord, NewAdapter, StorageUnavailableError
 from service.storage.postgres_schema import CHANGES_LOCK, CHANNEL, migrate
-
-try:  # the seam's package re-exports it; before the seam lands it lives in service/store.py
-    from service.storage import AdapterExistsError
-except ImportError:  # pragma: no cover - depends on the merge order
-    from service.store import AdapterExistsError
 
 __all__ = ["PostgresIndex"]
 
