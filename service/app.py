@@ -36,7 +36,6 @@ from service.storage import (
     DEFAULT_GRACE_S,
     AdapterStore,
     ForeignStoreError,
-    LocalBlobStore,
     StorageUnavailableError,
     open_store,
 )
@@ -98,7 +97,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             store = await run_in_threadpool(open_store, settings)
             await run_in_threadpool(claim_store, store.index, identity, store.location)
-            if isinstance(store.blobs, LocalBlobStore):  # one directory walk and one query
+            if not (settings.blob_url or "").startswith("s3://"):  # local files: one directory walk and one query
                 await run_in_threadpool(store.collect_garbage, DEFAULT_GRACE_S)
             else:  # listing a bucket on every start of every server is slow: `lora-store gc` runs it (cron)
                 log.info("store: no collection at start for blobs in %s; run `lora-store gc` periodically",
