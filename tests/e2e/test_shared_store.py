@@ -127,6 +127,9 @@ def test_an_upload_on_one_server_is_served_by_the_other(servers):
     from_a, from_b = _embed(a, "shared"), _embed(b, "shared")
     np.testing.assert_array_equal(from_a, from_b)
     assert not np.allclose(from_b, _embed(b, "base"), atol=1e-4)
+    store = httpx.get(f"{a.url}/v1/state", headers=AUTH).json()["store"]
+    assert store["location"].startswith("index postgresql://postgres@127.0.0.1:") and "blobs s3://" in store["location"]
+    assert store["name_cache"]["trusted"] and store["name_cache"]["stale_served"] == 0
 
 
 def test_an_overwrite_on_one_server_is_served_by_the_other_at_once(servers):
