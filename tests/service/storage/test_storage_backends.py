@@ -120,3 +120,23 @@ def test_lora_store_gc_on_a_shared_store(postgres_url, aws_env, tmp_path, capsys
     store.close()
     assert main(["gc", "--index-url", "postgresql://x@127.0.0.1:1/x", "--blob-url", "s3://lora-backends/gc"]) == 1
     assert "the adapter index (index) at postgresql://x@127.0.0.1:1/x is unreachable" in capsys.readouterr().err
+
+
+def test_a_shared_store_belongs_to_one_base(postgres_url, tmp_path):
+    """claim_store on PostgreSQL (set_meta_if_absent): the first base claims it, the same base on another server
+    is welcome, another base is refused, as on the embedded store."""
+    from service.base_identity import BaseIdentity, claim_store
+    from service.storage import ForeignStoreError, open_store
+
+    db = create_database(postgres_url)
+    mine, other = BaseIdentity("bert", "BertModel", "a" * 64), BaseIdentity("gpt2", "GPT2Model", "b" * 64)
+    stores = [open_store(Settings(store=tmp_path / str(i), index_url=db)) for i in range(2)]  # two servers
+    try:
+        claim_store(stores[0].index, mine, stores[0].location)
+        claim_store(stores[1].index, mine, stores[1].location)
+        with pytest.raises(ForeignStoreError, match="belongs to base model 'bert'"):
+            claim_store(stores[1].index, other, stores[1].location)
+        assert BaseIdentity.from_json(stores[1].index.get_meta("base_identity")) == mine
+    finally:
+        for store in stores:
+            store.close()
