@@ -48,17 +48,15 @@ def minilm_adapter_files() -> dict[str, bytes]:
 
 
 def local_lookup(tmp: Path, names: list[str]):
-    """Today's local store lookup (service/store.py, SQLite) when it is there; else the seam's SqliteIndex."""
-    try:
-        from service.store import AdapterStore
-    except ImportError:
-        return None
-    store = AdapterStore(tmp / "local-store")
-    weights = A.LoraWeights(A.LoraConfig(r=1, lora_alpha=1, target_modules=["q"]),
-                            {"q": (torch.zeros(1, 4), torch.zeros(4, 1))})
+    """The embedded store's lookup (service.storage.SqliteIndex), filled with `names`."""
+    from service.storage import SqliteIndex
+    from service.storage.interfaces import NewAdapter
+
+    index = SqliteIndex(tmp / "local-index.sqlite3")
     for name in names:
-        store.put(name, weights)
-    return store
+        index.put(NewAdapter(name=name, sha256="ab" * 32, bytes=1, rank=1, targets=["q"], num_parameters=1,
+                             task_type=None), overwrite=False)
+    return index
 
 
 def main() -> None:

@@ -3,12 +3,14 @@
     settings ─► KeyRing (auth)           startup:  load_base_model(...)           (frozen, eval, no grad)
              ─► Metrics (own registry)             base_identity(base)            (which base this is)
                                                    open_store(settings), claim_store(identity), collect_garbage()
+                                                   (local blobs only: a bucket is collected by `lora-store gc`)
                                                    Engine(base, settings, store, metrics).start()
     routers: health, adapters, admin, inference    shutdown: engine.stop(), store.close()
 
-The base model loads during startup, before uvicorn accepts connections, so a wrong --base-model, or a
-store that belongs to another base, stops the process with its reason instead of leaving a server that
-can never become ready. Every store call runs in a worker thread, never on the event loop.
+The base model loads during startup, before uvicorn accepts connections, so a wrong --base-model, a store
+that belongs to another base, or an index or blob store that cannot be reached stops the process with its
+reason (uvicorn exits with status 3) instead of leaving a server that can never become ready. Every store
+call runs in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import adapters, admin, chat, health, inference
 from service.settings import Settings
-from service.storage import DEFAULT_GRACE_S, AdapterStore, ForeignStoreError, open_store
+from service.storage import (
+    DEFAULT_GRACE_S,
+    AdapterStore,
+    ForeignStoreError,
+    StorageUnavailableError,
+    open_store,
+)
+from service.storage.backends import describe_url, unreachable_message
 
 __all__ = ["create_app"]
 
@@ -85,13 +94,20 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.store is None:  # one directory per base, so two bases never share a default store
             settings = settings.model_copy(update={"store": default_store_dir(identity)})
             app.state.settings = settings
-        store = await run_in_threadpool(open_store, settings)
         try:
+            store = await run_in_threadpool(open_store, settings)
             await run_in_threadpool(claim_store, store.index, identity, store.location)
+            if not (settings.blob_url or "").startswith("s3://"):  # local files: one directory walk and one query
+                await run_in_threadpool(store.collect_garbage, DEFAULT_GRACE_S)
+            else:  # listing a bucket on every start of every server is slow: `lora-store gc` runs it (cron)
+                log.info("store: no collection at start for blobs in %s; run `lora-store gc` periodically",
+                         describe_url(settings.blob_url or ""))
         except ForeignStoreError as exc:
             log.error("refusing to start: %s", exc)
             raise
-        await run_in_threadpool(store.collect_garbage, DEFAULT_GRACE_S)  # one directory walk and one query
+        except StorageUnavailableError as exc:
+            log.error("refusing to start: %s", unreachable_message(settings, exc))
+            raise
         engine = Engine(base, settings, store, app.state.metrics)
         await engine.start()
         app.state.store, app.state.base, app.state.engine = store, base, engine

@@ -33,6 +33,8 @@ class Metrics:
         self.adapter_loads = Counter("lora_adapter_loads", "Adapters loaded into a cache tier", ["tier"], registry=r)
         self.cache_hits = Counter("lora_adapter_cache_hits", "Adapter cache hits", ["tier"], registry=r)
         self.cache_misses = Counter("lora_adapter_cache_misses", "Adapter cache misses", ["tier"], registry=r)
+        self.stale_served = Counter("lora_adapter_stale_served", "Requests served from a held copy of an adapter "
+                                    "while the index was unreachable", ["tier"], registry=r)
         self.uploads = Counter("lora_adapter_uploads", "Adapter uploads and compositions by outcome",
                                ["outcome"], registry=r)
         # merged mode

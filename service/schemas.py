@@ -121,6 +121,8 @@ class StateResponse(BaseModel):
                                                       "now; null unless asked for (GET /v1/state?fingerprints=true)")
     pristine_fingerprint: str | None = Field(None, description="The same over the pristine weights; equal when "
                                                                "unmerged; null unless asked for")
+    store: dict[str, Any] | None = Field(None, description="Where adapters are stored (`location`, URLs without "
+                                                         "passwords) and the shared index's `name_cache`, else null")
 
 
 # ------------------------------------------------------------------------------------- OpenAI-compatible inference

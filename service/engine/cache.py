@@ -31,6 +31,12 @@ class HostCache:
             self._entries.move_to_end(name)
             return entry[1]
 
+    def peek(self, name: str) -> tuple[str, LoraWeights] | None:
+        """(sha256, weights) of whatever version is held for `name`, unchecked: for when the index is unreachable."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return None if entry is None else (entry[0], entry[1])
+
     def put(self, name: str, sha256: str, weights: LoraWeights) -> None:
         size = weights.nbytes()
         with self._lock:

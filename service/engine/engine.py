@@ -21,7 +21,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from adapters import LoraModel, LoraWeights, validate_adapter
+from adapters import LoraModel, LoraWeights, UnknownAdapterError, validate_adapter
 from adapters.merge_kernel import kernel_name
 from adapters.validation import model_index
 from service.base_model import LoadedBase
@@ -103,16 +103,28 @@ class Engine(LoopThread):
                                 allow_detached=self.base.task != "classify", max_delta=MAX_DELTA, index=self.index)
 
     async def _ensure_loaded(self, name: str | None) -> tuple[str, LoraWeights] | None:
-        """Read and validate `name` off the loop thread (concurrent callers share one load), so the loop
-        never waits for the disk; None when it is resident already (or for the base)."""
-        if name is None or name in self.resident:
+        """Resolve `name` in the index and read and validate its stored version off the loop thread
+        (concurrent callers share one check), so the loop never waits for the store; None when the resident
+        copy is that version (or for the base). The index is asked on every request, since another server
+        sharing the store may have replaced or deleted the adapter (a name cache answers in microseconds)."""
+        if name is None:
             return None
         fut = self._loads.get(name)
         if fut is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(self.tiers.load, name))
+            fut = asyncio.ensure_future(asyncio.to_thread(self.tiers.check, name))
             self._loads[name] = fut
             fut.add_done_callback(lambda _f, n=name: self._loads.pop(n, None))
-        return await asyncio.shield(fut)
+        try:
+            loaded = await asyncio.shield(fut)
+        except UnknownAdapterError:
+            if name in self.resident or self.host_cache.get(name) is not None:
+                self.forget(name)  # deleted through another server: drop the copies (unmerged if merged)
+            raise
+        held = self.resident.get(name)
+        if loaded is not None and held is not None and held[0] != loaded[0]:
+            self.forget(name, replaced=True)  # replaced through another server: queued before this request
+            self.host_cache.put(name, *loaded)  # forget dropped the host copy too; this one is current
+        return loaded
 
     def prefetch(self, name: str) -> None:
         try:

@@ -20,12 +20,13 @@ FingerprintsQuery = Annotated[bool, Query(description="Also hash the base weight
 
 @router.get("/state", response_model=StateResponse, summary="Merge state, resident adapters, fingerprints on request",
             responses=error_responses(422))  # a `fingerprints` that is not a boolean
-async def get_state(engine: EngineDep, fingerprints: FingerprintsQuery = False) -> StateResponse:
+async def get_state(engine: EngineDep, store: StoreDep, fingerprints: FingerprintsQuery = False) -> StateResponse:
     """With `?fingerprints=true`, `fingerprint` is a sha256 over every base weight a merge can change, computed
     now, and `pristine_fingerprint` the same over the pristine weights (computed once, then cached); they are
     equal when nothing is merged. Without it both are null, and the answer costs no hashing. Inference waits
-    only for the hash itself (it runs in a worker thread, under the engine's lock)."""
-    return StateResponse(**await engine.state(fingerprints=fingerprints))
+    only for the hash itself (it runs in a worker thread, under the engine's lock). `store` says where the
+    adapters live (URLs without passwords) and, with a shared index, how the name cache does."""
+    return StateResponse(**await engine.state(fingerprints=fingerprints), store=store.describe())
 
 
 @router.post("/unmerge", response_model=StateResponse, summary="Restore the pristine base weights (bit-exact)")

@@ -12,13 +12,15 @@ only when asked for: they are the optional `shared` extra.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from service.storage.interfaces import AdapterIndex, BlobStore
+from service.storage.interfaces import AdapterIndex, BlobStore, StorageUnavailableError
 
-__all__ = ["open_backends", "open_index", "open_blob_store"]
+__all__ = ["open_backends", "open_index", "open_blob_store", "describe_url", "unreachable_message"]
 
 
 def open_index(url: str, *, name_cache_ttl_s: float = 5.0) -> AdapterIndex:
@@ -48,6 +50,15 @@ def open_blob_store(url: str) -> BlobStore:
     return LocalBlobStore(path)
 
 
+def describe_url(url: str) -> str:
+    """`url` for messages and logs: without its password; an s3:// URL with the endpoint it will reach."""
+    shown = re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    if url.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        shown += f" (endpoint {endpoint})" if endpoint else " (endpoint: AWS's default)"
+    return shown
+
+
 def open_backends(settings: Any) -> tuple[AdapterIndex | None, BlobStore | None]:
     """(index, blobs) named by settings.index_url / settings.blob_url; None where the local default applies."""
     index_url, blob_url = getattr(settings, "index_url", None), getattr(settings, "blob_url", None)
@@ -60,3 +71,11 @@ def open_backends(settings: Any) -> tuple[AdapterIndex | None, BlobStore | None]
                 index.close()
         raise
     return index, blobs
+
+
+def unreachable_message(settings: Any, exc: StorageUnavailableError) -> str:
+    """Which backend could not be reached, at which URL (no password), and why: for the refusal at start-up."""
+    url = getattr(settings, "index_url" if exc.component == "index" else "blob_url", None)
+    what = {"index": "adapter index", "blobs": "adapter blob store"}.get(exc.component, exc.component)
+    where = describe_url(url) if url else str(getattr(settings, "store", ""))
+    return f"the {what} ({exc.component}) at {where} is unreachable: {exc}"

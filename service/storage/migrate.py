@@ -77,22 +77,15 @@ def copy_store(src_index: AdapterIndex, src_blobs: BlobStore, dst_index: Adapter
 
 
 def _open(store: Path | None, index_url: str | None, blob_url: str | None) -> tuple[AdapterIndex, BlobStore, list]:
-    """(index, blobs, things to close) from URLs, with the local store directory for what no URL names."""
-    from service.storage.backends import open_blob_store, open_index
+    """(index, blobs, things to close): the store lora-serve would open with these settings (open_store), the
+    local store directory for what no URL names. Explicit here, so LORA_INDEX_URL & co. never pick a side."""
+    if store is None and not (index_url and blob_url):
+        raise SystemExit("each side needs --*-store DIR or both --*-index-url and --*-blob-url")
+    from service.settings import Settings
+    from service.storage import open_store
 
-    index = open_index(index_url, name_cache_ttl_s=0) if index_url else None
-    blobs = open_blob_store(blob_url) if blob_url else None
-    closers: list = [x for x in (index, blobs) if x is not None]
-    if index is None or blobs is None:
-        if store is None:
-            raise SystemExit("each side needs --*-store DIR or both --*-index-url and --*-blob-url")
-        from service.settings import Settings
-        from service.storage import open_store  # the seam's facade: the local defaults for what is None
-
-        local = open_store(Settings(store=store))
-        closers.append(local)
-        index, blobs = index or local.index, blobs or local.blobs
-    return index, blobs, closers
+    opened = open_store(Settings(store=store, index_url=index_url, blob_url=blob_url, name_cache_ttl_s=0))
+    return opened.index, opened.blobs, [opened]
 
 
 def main(argv: list[str] | None = None) -> int:

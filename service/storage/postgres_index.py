@@ -27,13 +27,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from adapters import UnknownAdapterError
+from service.storage.errors import AdapterExistsError
 from service.storage.interfaces import AdapterRecord, NewAdapter, StorageUnavailableError
 from service.storage.postgres_schema import CHANGES_LOCK, CHANNEL, migrate
-
-try:  # the seam's package re-exports it; before the seam lands it lives in service/store.py
-    from service.storage import AdapterExistsError
-except ImportError:  # pragma: no cover - depends on the merge order
-    from service.store import AdapterExistsError
 
 __all__ = ["PostgresIndex"]
 
@@ -57,6 +53,11 @@ class PostgresIndex:
         self._pool.open(wait=False)
         self._migrated = False
         self._migrate_lock = threading.Lock()
+        # While PostgreSQL is unreachable, a call waits up to timeout_s for a connection. Without a breaker every
+        # request would, and the server would stall: after a failure, calls fail at once for retry_s, and then
+        # one call at a time probes (the others keep failing at once while it waits).
+        self.retry_s = 1.0
+        self._down_until = 0.0  # monotonic
 
     # ------------------------------------------------------------------ plumbing
     def _run(self, fn: Callable[[psycopg.Connection], T], *, write: bool = False) -> T:
@@ -64,6 +65,24 @@ class PostgresIndex:
         pool fails on its first use; that is retried once on a fresh one. Reads retry whenever the connection broke;
         writes ping first and retry only a failed ping, since nothing of theirs was sent then (after it, a lost
         connection may or may not have committed, and a blind retry could write twice)."""
+        now = time.monotonic()
+        if now < self._down_until:
+            raise StorageUnavailableError("index", f"PostgreSQL unreachable ({_where(self.url)}); retried every "
+                                                   f"{self.retry_s:g} s")
+        if self._down_until:  # the first call after the pause probes; the rest fail at once meanwhile
+            self._down_until = now + self.timeout_s + self.retry_s
+        try:
+            result = self._attempt(fn, write)
+        except StorageUnavailableError:
+            self._down_until = time.monotonic() + self.retry_s
+            raise
+        except BaseException:  # PostgreSQL answered (a 404, a 409...)
+            self._down_until = 0.0
+            raise
+        self._down_until = 0.0
+        return result
+
+    def _attempt(self, fn: Callable[[psycopg.Connection], T], write: bool) -> T:
         for attempt in (0, 1):
             try:
                 with self._pool.connection() as conn:

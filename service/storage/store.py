@@ -51,6 +51,11 @@ class AdapterStore:
         self.index, self.blobs = index, blobs
         self.location = location  # for logs and messages: where this store lives
 
+    def describe(self) -> dict[str, Any]:
+        """For /v1/state: where the store lives (no password) and, with a shared index, how its name cache does."""
+        describe_cache = getattr(self.index, "describe", None)
+        return {"location": self.location, "name_cache": describe_cache() if callable(describe_cache) else None}
+
     def close(self) -> None:
         try:
             self.index.close()

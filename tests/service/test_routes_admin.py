@@ -39,6 +39,7 @@ def test_state_when_nothing_is_merged(bert_client: TestClient):
     assert isinstance(state["resident_adapters"], list) and state["merge_policy"]["policy"] == "auto"
     # The test base is float32 on the CPU, so merges run on the fused kernel wherever it was built.
     assert state["merge_kernel"] == ("fused" if fused_kernel_available() else "addmm")
+    assert state["store"] == {"location": str(bert_client.app.state.settings.store), "name_cache": None}  # local
 
 
 def test_merge_unmerge_and_plain_state_answer_without_hashing(bert_client: TestClient, unique: str, monkeypatch):

@@ -71,10 +71,14 @@ class DictStore:
     def get(self, name: str):
         if name not in self.items:
             raise KeyError(name)
-        return SimpleNamespace(sha256=f"{name}-{id(self.items[name])}", version=1)
+        return SimpleNamespace(name=name, sha256=f"{name}-{id(self.items[name])}", version=1)
 
-    def load_weights(self, name: str) -> A.LoraWeights:
-        return self.items[name]
+    def load_weights(self, record) -> A.LoraWeights:
+        """By the record the engine resolved (as AdapterStore reads by its sha256): that version or nothing."""
+        weights = self.items.get(record.name)
+        if weights is None or f"{record.name}-{id(weights)}" != record.sha256:
+            raise KeyError(f"{record.name} version {record.sha256} is gone")
+        return weights
 
 
 def settings(**overrides) -> SimpleNamespace:

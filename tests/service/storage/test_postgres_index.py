@@ -204,6 +204,25 @@ def test_unreachable_server_is_storage_unavailable():
         ix.close()
 
 
+def test_after_a_failure_calls_fail_at_once_then_one_probes():
+    """Without the breaker, every request would wait timeout_s for a connection while the server is down."""
+    ix = PostgresIndex(f"postgresql://postgres@127.0.0.1:{_closed_port()}/x", timeout_s=1.0)
+    try:
+        with pytest.raises(StorageUnavailableError):
+            ix.get("a")  # waits for a connection
+        started = time.monotonic()
+        for _ in range(20):
+            with pytest.raises(StorageUnavailableError, match="retried every"):
+                ix.get("a")
+        assert time.monotonic() - started < 0.5
+        time.sleep(ix.retry_s)
+        with pytest.raises(StorageUnavailableError) as err:
+            ix.count()  # a probe: it waits for a connection again
+        assert "retried every" not in str(err.value)
+    finally:
+        ix.close()
+
+
 def test_server_stopped_then_restarted_under_a_live_client():
     try:
         server = PostgresServer()

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from infra import create_database, make_postgres_index, make_s3_blobs
 
 from service.storage.interfaces import NewAdapter
 from service.storage.migrate import FILENAMES, copy_store, main
+from service.storage.postgres_index import PostgresIndex
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def blob(i: int) -> tuple[str, dict[str, bytes]]:
@@ -101,23 +108,50 @@ def test_cli_between_urls(postgres_url, s3_settings, monkeypatch, capsys):
     src_blobs.close()
 
 
-def test_cli_from_a_local_store_and_back(tmp_path, postgres_url, s3_settings, monkeypatch, capsys):
-    storage = pytest.importorskip("service.storage", reason="the local store comes with the storage seam")
-    if not hasattr(storage, "local_store"):
-        pytest.skip("the local store (service.storage.local_store) comes with the storage seam")
-    for var, key in (("AWS_ENDPOINT_URL", "endpoint_url"), ("AWS_ACCESS_KEY_ID", "access_key_id"),
-                     ("AWS_SECRET_ACCESS_KEY", "secret_access_key"), ("AWS_DEFAULT_REGION", "region")):
-        monkeypatch.setenv(var, s3_settings[key])
-    src = storage.local_store(tmp_path / "src")
-    fill(src.index, src.blobs)
+def test_python_m_migrate_from_a_local_store_and_back(tmp_path, postgres_url, s3_settings):
+    """The command as documented, in a fresh interpreter: a store the service wrote (real adapters, a base identity,
+    an overwrite and a delete in its history) to PostgreSQL + S3 and back to a directory, unchanged."""
+    from http_testkit import BERT_TARGETS, make_adapter
+
+    from service.storage import canonicalize, local_store
+
+    src = local_store(tmp_path / "src")
+    src.index.set_meta_if_absent("base_identity", '{"digest": "abc"}')
+    src.put("alpha", canonicalize(make_adapter(BERT_TARGETS, seed=1)))
+    src.put("alpha", canonicalize(make_adapter(BERT_TARGETS, seed=2)), overwrite=True)
+    src.put("beta", canonicalize(make_adapter(BERT_TARGETS, seed=3)), meta={"composed_from": ["alpha"]})
+    src.put("gamma", canonicalize(make_adapter(BERT_TARGETS, seed=4)))
+    src.delete("gamma")
+    src.put("gamma", canonicalize(make_adapter(BERT_TARGETS, seed=4)))
     before = snapshot(src.index)
     src.close()
+    assert [(r["name"], r["version"]) for r in before] == [("alpha", 2), ("beta", 1), ("gamma", 2)]
     db = create_database(postgres_url)
     blob_url = f"s3://{s3_settings['bucket']}/local-{db.rsplit('/', 1)[1]}"
-    assert main(["--from-store", str(tmp_path / "src"), "--to-index-url", db, "--to-blob-url", blob_url]) == 0
-    assert json.loads(capsys.readouterr().out)["copied"] == 3
-    assert main(["--from-index-url", db, "--from-blob-url", blob_url, "--to-store", str(tmp_path / "back")]) == 0
-    back = storage.local_store(tmp_path / "back")
-    assert snapshot(back.index) == before
-    assert {f: back.blobs.get(blob(2)[0], f) for f in FILENAMES} == blob(2)[1]
-    back.close()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": s3_settings["endpoint_url"],
+           "AWS_ACCESS_KEY_ID": s3_settings["access_key_id"], "AWS_SECRET_ACCESS_KEY": s3_settings["secret_access_key"],
+           "AWS_DEFAULT_REGION": s3_settings["region"]}
+
+    def migrate(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "service.storage.migrate", *args, "--meta-key", "base_identity"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    there = ["--to-index-url", db, "--to-blob-url", blob_url]
+    assert migrate("--from-store", str(tmp_path / "src"), *there) == {"copied": 3, "skipped": 0, "conflicts": []}
+    assert migrate("--from-store", str(tmp_path / "src"), *there)["skipped"] == 3  # idempotent
+    shared = PostgresIndex(db)
+    assert snapshot(shared) == before and shared.get_meta("base_identity") == '{"digest": "abc"}'
+    shared.close()
+    back = migrate("--from-index-url", db, "--from-blob-url", blob_url, "--to-store", str(tmp_path / "back"))
+    assert back["copied"] == 3
+    copy = local_store(tmp_path / "back")
+    try:
+        assert snapshot(copy.index) == before and copy.index.get_meta("base_identity") == '{"digest": "abc"}'
+        for name, seed in (("alpha", 2), ("beta", 3), ("gamma", 4)):  # the bytes, by the record's sha256
+            assert copy.read_file(name, FILENAMES[1]) == canonicalize(make_adapter(BERT_TARGETS, seed=seed)).files()[
+                FILENAMES[1]]
+        assert copy.put("alpha", canonicalize(make_adapter(BERT_TARGETS, seed=5)), overwrite=True).version == 3
+    finally:
+        copy.close()

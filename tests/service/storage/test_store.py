@@ -1,11 +1,14 @@
 """service/storage/store.py over the embedded backends (SqliteIndex, LocalBlobStore): durable, content-addressed,
-indexed; consistent after a crash at any point; nothing deleted until an explicit collection."""
+indexed; consistent after a crash at any point; nothing deleted until an explicit collection. The tests that
+do not look at files also run on a shared store opened as the service opens it (`any_store`: open_store with
+--index-url and --blob-url, PostgreSQL behind the name cache, and S3)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,23 @@ def store(tmp_path: Path):
     s.close()
 
 
+@pytest.fixture(params=["local", "shared"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "local":
+        s = local_store(tmp_path / "store")
+    else:
+        from infra import create_database
+
+        from service.settings import Settings
+        from service.storage import open_store
+
+        postgres_url, s3 = request.getfixturevalue("postgres_url"), request.getfixturevalue("s3_env")
+        s = open_store(Settings(store=None, index_url=create_database(postgres_url),
+                                blob_url=f"s3://{s3['bucket']}/store-{uuid.uuid4().hex[:12]}"))
+    yield s
+    s.close()
+
+
 def _blobs(root: Path) -> list[Path]:
     return sorted(p for p in (root / "blobs").glob("*/*") if p.is_dir())
 
@@ -41,7 +61,8 @@ def _put(store: AdapterStore, name: str, weights, **kwargs):
     return store.put(name, canonicalize(weights), **kwargs)
 
 
-def test_put_get_roundtrip(store: AdapterStore):
+def test_put_get_roundtrip(any_store: AdapterStore):
+    store = any_store
     weights = make_adapter(BERT_TARGETS, rank=4, seed=1)
     record = _put(store, "a", weights)
     assert (record.name, record.version, record.rank) == ("a", 1, 4)
@@ -58,7 +79,8 @@ def test_put_get_roundtrip(store: AdapterStore):
     assert store.read_file("a", "adapter_model.safetensors") == model_bytes
 
 
-def test_unknown_names_and_files(store: AdapterStore):
+def test_unknown_names_and_files(any_store: AdapterStore):
+    store = any_store
     with pytest.raises(UnknownAdapterError):
         store.get("nope")
     with pytest.raises(UnknownAdapterError):
@@ -94,7 +116,8 @@ def test_existing_name_conflicts_unless_overwrite(store: AdapterStore):
     assert _put(store, "b", make_adapter(BERT_TARGETS), overwrite=True).version == 1  # overwrite of nothing: create
 
 
-def test_versions_never_repeat(store: AdapterStore):
+def test_versions_never_repeat(any_store: AdapterStore):
+    store = any_store
     _put(store, "a", make_adapter(BERT_TARGETS, seed=1))
     store.delete("a")
     assert _put(store, "a", make_adapter(BERT_TARGETS, seed=1)).version == 2
@@ -113,7 +136,8 @@ def test_identical_content_is_stored_once(store: AdapterStore):
     assert _blobs(store.blobs.root) == [] and list(store.blobs.blobs.iterdir()) == []  # empty shards go too
 
 
-def test_list_pages_by_name(store: AdapterStore):
+def test_list_pages_by_name(any_store: AdapterStore):
+    store = any_store
     weights = make_adapter(BERT_TARGETS)
     for i in range(7):
         _put(store, f"n{i}", weights)
