@@ -23,6 +23,7 @@ from adapters import LoraModel, LoraWeights, validate_adapter
 from adapters.merge_kernel import kernel_name
 from adapters.validation import model_index
 from service.base_model import LoadedBase
+from service.engine.budget import RowQueue
 from service.engine.decoding import Decoder
 from service.engine.errors import AdapterChangedError, BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.fingerprint import fingerprint
@@ -65,6 +66,7 @@ class Engine(LoopThread):
         self.tokenizers = TokenizerPool(base.tokenizer, default_pool_size())  # for handler threads only
         self.decoder = Decoder(self.lm, base) if base.task == "generate" else None
         self._waiting: list[WorkItem] = []  # generation requests that cannot join the running decode
+        self._rows = RowQueue(key=self._forward_key)  # embed/classify rows waiting for a forward (budget.py)
         self.ready = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -128,6 +130,7 @@ class Engine(LoopThread):
         def drop() -> None:
             if self.decoder is not None and name in self.decoder.adapters():
                 self.decoder.fail(AdapterChangedError(name, replaced), adapter=name)  # never finish on stale weights
+            self._rows.fail_started(name, AdapterChangedError(name, replaced))  # nor a half-embedded request
             repin = replaced and self.pinned and self.lm.merged_adapter == name
             self.policy.forget(name)  # its past traffic must not make `auto` merge it (or its successor)
             self._evict(name, force=True)
