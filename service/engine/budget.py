@@ -35,11 +35,12 @@ SMALL_WIDTH = 32
 
 
 def default_budget(device: Any) -> int:
-    """Padded tokens per forward when --max-batch-tokens is not given. A GPU is latency-bound by kernel
-    launches, so it wants large forwards (TEI's default is 16384). On a CPU a forward's time grows with its
-    tokens from a few hundred on (benchmarks/bench_token_budget.py), so a large budget buys no throughput,
-    only a longer wait for whoever arrives while it runs."""
-    return 16384 if getattr(device, "type", str(device)) == "cuda" else 2048
+    """Padded tokens per forward when --max-batch-tokens is not given. A GPU needs large forwards to fill it
+    (TEI's default is 16384). A CPU does not: MiniLM costs 0.31-0.35 ms of CPU per padded token from 256
+    tokens per forward up to 16384 (docs/benchmarks.md), so a larger budget buys no throughput, only a longer
+    wait for whoever arrives while it runs. 512 keeps every forward within what one 512-token text costs
+    alone, which any request carrying one pays anyway."""
+    return 512 if getattr(device, "type", str(device)) == "cpu" else 16384
 
 
 class _Forward:
@@ -165,9 +166,10 @@ class RowQueue:
     def _queue(self, request: _Request) -> None:
         bisect.insort(self._line, request, key=lambda r: r.since)
 
-    def take(self, budget: int) -> list[Part]:
+    def take(self, budget: int, max_requests: int | None = None) -> list[Part]:
         """The next forward: the rows of the longest-waiting request that fit the budget, shortest first,
-        then those of the others (in line order) that fit what is left. Empty when nothing is pending."""
+        then those of the others (in line order) that fit what is left, from at most `max_requests`
+        requests. Empty when nothing is pending."""
         now = self.clock()
         for request in self._running:  # the last forward has ended: those requests get back in line
             if request.live and request.pending:
@@ -179,6 +181,8 @@ class RowQueue:
             return []
         key, forward, parts = self.key(self._line[0].item), _Forward(budget), []
         for request in self._line:
+            if len(parts) == max_requests:
+                break
             if self.key(request.item) == key and (rows := request.take(forward)):
                 parts.append(Part(request, rows))
         self._running = [p.request for p in parts]

@@ -95,7 +95,7 @@ class LoopThread:
                         for item in group:
                             self._rows.add(item)
             if self._rows:
-                self._run_group(self._rows.take(self._max_batch_tokens()))
+                self._run_group(self._rows.take(self._max_batch_tokens(), self.settings.max_batch_size))
             if self.decoder is not None and self.decoder.active:
                 self._step()
 

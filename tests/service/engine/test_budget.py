@@ -116,6 +116,15 @@ def test_rows_of_other_requests_fill_the_forward_but_kinds_never_mix():
     assert [p.item for p in queue.take(1024)] == [b]
 
 
+def test_max_requests_bounds_the_requests_sharing_a_forward():
+    queue = RowQueue(clock=iter(range(100, 10_000)).__next__)
+    items = [FakeItem([5, 5], at=i) for i in range(5)]
+    for item in items:
+        queue.add(item)
+    assert [p.item for p in queue.take(1024, max_requests=2)] == items[:2]
+    assert [p.item for p in queue.take(1024, max_requests=1)] == items[2:3]
+
+
 def test_a_failed_part_fails_its_request_once_and_drops_its_other_rows():
     queue = RowQueue(clock=iter(range(100, 10_000)).__next__)
     doomed, other = FakeItem([30, 30, 30], at=0), FakeItem([30], at=1)
