@@ -11,15 +11,17 @@ So 200 short texts and one of 512 tokens are a few forwards of short rows and on
 201 rows of 512. `plan` groups a fixed set of rows (a generation prefill); `RowQueue` holds the pending
 rows of embed and classify requests between forwards, so the loop can take newly queued requests in
 between. Each forward is anchored on the request that has waited longest since it last had rows run (a
-newcomer, or a long request whose previous forward just ended goes behind it), and the others' rows fill
-what the budget and the length rule leave: a short request sent while a long one runs waits for at most
-the forward in flight, and a long request gets a forward at least once per turn of the queue, so nobody
-starves. A request resolves when all its rows are done, with its values in its own order.
+newcomer, or a long request whose previous forward just ended goes behind it), and other requests join it
+when all their remaining rows fit what the budget and the length rule leave: a short request sent while a
+long one runs waits for the forward in flight, then runs without a slice of the long one padding its own
+forward, and a long request gets a forward at least once per turn of the queue, so nobody starves. A
+request resolves when all its rows are done, with its values in its own order.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -96,19 +98,25 @@ class _Request:
     def live(self) -> bool:
         return not self.failed and not self.item.abandoned and self.left > 0
 
-    def take(self, forward: _Forward) -> list[int]:
-        """The pending rows that fit `forward`, shortest first (they join it)."""
+    def take(self, forward: _Forward, whole: bool = False) -> list[int]:
+        """The pending rows that fit `forward`, shortest first (they join it); with `whole`, all of them or
+        none."""
         rows, taken, kept = self.item.encoded, [], []
+        trial = copy.copy(forward) if whole else forward
         for k, i in enumerate(self.pending):
             length = len(rows[i])
-            if forward.admits(length):
-                forward.add(length)
+            if trial.admits(length):
+                trial.add(length)
                 taken.append(i)
-            elif length >= forward.width and (forward.n + 1) * length > forward.budget:
+            elif length >= trial.width and ((trial.n + 1) * length > trial.budget or 2 * trial.shortest < length):
                 kept += self.pending[k:]  # the rest are as long or longer: none fits
                 break
             else:
                 kept.append(i)
+        if whole and kept:
+            return []
+        if whole:
+            forward.__dict__.update(trial.__dict__)
         self.pending = kept
         return taken
 
@@ -168,8 +176,8 @@ class RowQueue:
 
     def take(self, budget: int, max_requests: int | None = None) -> list[Part]:
         """The next forward: the rows of the longest-waiting request that fit the budget, shortest first,
-        then those of the others (in line order) that fit what is left, from at most `max_requests`
-        requests. Empty when nothing is pending."""
+        then every other request (in line order) whose remaining rows all fit what is left, from at most
+        `max_requests` requests. Empty when nothing is pending."""
         now = self.clock()
         for request in self._running:  # the last forward has ended: those requests get back in line
             if request.live and request.pending:
@@ -183,7 +191,9 @@ class RowQueue:
         for request in self._line:
             if len(parts) == max_requests:
                 break
-            if self.key(request.item) == key and (rows := request.take(forward)):
+            # Another request joins only if this forward finishes it: a slice of a request that needs more
+            # forwards anyway would not answer it sooner, only make the anchor's forward (its wait) longer.
+            if self.key(request.item) == key and (rows := request.take(forward, whole=bool(parts))):
                 parts.append(Part(request, rows))
         self._running = [p.request for p in parts]
         served = {id(r) for r in self._running}

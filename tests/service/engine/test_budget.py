@@ -116,6 +116,21 @@ def test_rows_of_other_requests_fill_the_forward_but_kinds_never_mix():
     assert [p.item for p in queue.take(1024)] == [b]
 
 
+def test_a_slice_of_an_unfinished_request_never_pads_a_newcomers_forward():
+    queue = RowQueue(clock=iter(range(100, 10_000)).__next__)
+    big = FakeItem([10] * 30 + [300], at=0)
+    queue.add(big)
+    _run(queue.take(200))  # 20 rows of 10
+    short = FakeItem([4], at=50)
+    queue.add(short)
+    # the 10 short rows left would fit beside it, but the big request needs another forward anyway
+    assert [(p.item, len(p.rows)) for p in queue.take(200)] == [(short, 1)]
+    small = FakeItem([12, 12], at=10**6)
+    queue.add(small)
+    # big's 10 rows of 10 (its 300 is too long for them), and small, which this forward finishes
+    assert [(p.item, len(p.rows)) for p in queue.take(200)] == [(big, 10), (small, 2)]
+
+
 def test_max_requests_bounds_the_requests_sharing_a_forward():
     queue = RowQueue(clock=iter(range(100, 10_000)).__next__)
     items = [FakeItem([5, 5], at=i) for i in range(5)]
