@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import adapters as A  # noqa: E402
-from benchmarks.common import machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import MemoryStore, machine_info, markdown_table, write_json  # noqa: E402
 from service.engine import CompletionRequest, Engine, load_base_model  # noqa: E402
 from service.engine import decoding as decoding_module  # noqa: E402
 
@@ -61,29 +61,20 @@ def build_model(path: Path) -> Path:
     return path
 
 
-class MemoryStore:
-    """The two store calls the engine makes, over a dict of random rank-8 adapters on c_attn and c_proj."""
-
-    def __init__(self, model: torch.nn.Module, n: int) -> None:
-        self.items = {}
-        for i in range(n):
-            gen = torch.Generator().manual_seed(i)
-            lora = {}
-            for name, module in model.named_modules():
-                if name.endswith(("c_attn", "c_proj")):
-                    fan_in, fan_out = module.weight.shape  # Conv1D: (in, out)
-                    lora[name] = (torch.randn(8, fan_in, generator=gen) * 0.05,
-                                  torch.randn(fan_out, 8, generator=gen) * 0.05)
-            config = A.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
-            self.items[f"a{i}"] = A.LoraWeights(config, lora)
-
-    def get(self, name: str):
-        if name not in self.items:
-            raise KeyError(name)
-        return SimpleNamespace(sha256=f"{name}-v1", version=1)
-
-    def load_weights(self, name: str) -> A.LoraWeights:
-        return self.items[name]
+def gpt2_adapters(model: torch.nn.Module, n: int) -> dict[str, A.LoraWeights]:
+    """n random rank-8 adapters on c_attn and c_proj, named a0, a1, ..."""
+    items = {}
+    for i in range(n):
+        gen = torch.Generator().manual_seed(i)
+        lora = {}
+        for name, module in model.named_modules():
+            if name.endswith(("c_attn", "c_proj")):
+                fan_in, fan_out = module.weight.shape  # Conv1D: (in, out)
+                lora[name] = (torch.randn(8, fan_in, generator=gen) * 0.05,
+                              torch.randn(fan_out, 8, generator=gen) * 0.05)
+        config = A.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+        items[f"a{i}"] = A.LoraWeights(config, lora)
+    return items
 
 
 def workload(n: int, mean_gap_ms: float, seed: int = 0) -> list[tuple[float, dict]]:
@@ -151,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
                                device_cache_adapters=8, device_cache_bytes=1 << 28,
                                max_batch_size=args.max_batch_size, max_wait_ms=5.0)
-    engine = Engine(base, settings, MemoryStore(base.model, 4))
+    engine = Engine(base, settings, MemoryStore(gpt2_adapters(base.model, 4)))
     work = workload(args.requests, args.mean_gap_ms)
     splice = decoding_module._kv_layers
 

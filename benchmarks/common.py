@@ -117,3 +117,24 @@ def build_gpt2_small(device: str = "cpu", dtype: torch.dtype = torch.float32, se
 
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config()).to(device=device, dtype=dtype).eval()
+
+
+class MemoryStore:
+    """The store calls the engine makes, over a dict of LoraWeights: `get`/`resolve` a name to its record, then
+    `load_weights` by that record (every name is at version 1 here)."""
+
+    def __init__(self, items: dict) -> None:
+        self.items = items
+
+    def get(self, name: str):
+        from types import SimpleNamespace
+
+        if name not in self.items:
+            raise KeyError(name)
+        return SimpleNamespace(name=name, sha256=f"{name}-v1", version=1)
+
+    resolve = get
+
+    def load_weights(self, record):
+        return self.items[record if isinstance(record, str) else record.name]
+

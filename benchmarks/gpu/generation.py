@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from benchmarks.common import MemoryStore
 from benchmarks.gpu.models import (
     WORDS,
-    MemoryStore,
     byte_tokenizer,
     engine_settings,
     llama,

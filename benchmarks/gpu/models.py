@@ -23,7 +23,7 @@ from torch import nn
 import adapters as A
 
 __all__ = ["LLAMA_SIZES", "GPT2_SIZES", "llama", "gpt2", "peft_with_adapters", "ours_from_peft", "byte_tokenizer",
-           "count_parameters", "loaded_base", "random_adapter", "MemoryStore", "engine_settings"]
+           "count_parameters", "loaded_base", "random_adapter", "engine_settings"]
 
 # Model widths by size name; "1b" and "small" run on the GPU, "tiny" rehearses them on the CPU.
 LLAMA_SIZES = {
@@ -151,23 +151,6 @@ def random_adapter(model: nn.Module, rank: int, seed: int, scale: float = 0.02) 
             lora[path] = (a, torch.randn(out_f, rank, generator=gen) * scale)  # B (out, r)
             targets.add(path.rsplit(".", 1)[-1])
     return A.LoraWeights(A.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=sorted(targets)), lora)
-
-
-class MemoryStore:
-    """The two store calls the engine makes (`get`, `load_weights`), over a dict of LoraWeights."""
-
-    def __init__(self, items: dict[str, A.LoraWeights]) -> None:
-        self.items = items
-
-    def get(self, name: str):
-        from types import SimpleNamespace
-
-        if name not in self.items:
-            raise KeyError(name)
-        return SimpleNamespace(sha256=f"{name}-v1", version=1)
-
-    def load_weights(self, name: str) -> A.LoraWeights:
-        return self.items[name]
 
 
 def engine_settings(**overrides):

@@ -12,7 +12,8 @@ from cuda_sync import sync
 from fastapi.testclient import TestClient
 from http_testkit import ADMIN_KEY, GPT2_TARGETS, bearer, build_gpt2, make_adapter, make_settings, peft_files
 
-from benchmarks.gpu.models import MemoryStore, byte_tokenizer, engine_settings, llama, loaded_base, random_adapter
+from benchmarks.common import MemoryStore
+from benchmarks.gpu.models import byte_tokenizer, engine_settings, llama, loaded_base, random_adapter
 from service.app import create_app
 from service.engine import CompletionRequest, Engine
 
