@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     """Most requests gathered into one forward."""
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     """Longest a request waits for others to share its batch, in milliseconds."""
+    max_batch_tokens: int | None = Field(None, ge=1, le=1 << 24)
+    """Most padded tokens (rows x longest row) in one embed/classify forward or generation prefill; a longer
+    single text runs alone. Default: 16384 on CUDA, 512 on CPU (larger buys a CPU no throughput)."""
     merge_policy: Literal["never", "always", "auto"] = "auto"
     """never: always unmerged; always: merge each batch's adapter; auto: merge when one adapter dominates."""
     merge_kernel: Literal["auto", "addmm"] = "auto"

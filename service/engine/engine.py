@@ -26,6 +26,7 @@ from adapters.merge_kernel import kernel_name
 from adapters.validation import model_index
 from service.base_model import LoadedBase
 from service.embedding_spec import EmbeddingSpecError
+from service.engine.budget import RowQueue
 from service.engine.decoding import Decoder
 from service.engine.errors import AdapterChangedError, BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.fingerprint import fingerprint
@@ -69,6 +70,7 @@ class Engine(LoopThread):
         self.decoder = Decoder(self.lm, base) if base.task == "generate" else None
         self._waiting: list[WorkItem] = []  # generation requests that cannot join the running decode
         self._pristine_fingerprint: str | None = None  # of W0, which never changes: hashed on the first request
+        self._rows = RowQueue(key=self._forward_key)  # embed/classify rows waiting for a forward (budget.py)
         self.ready = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -132,6 +134,7 @@ class Engine(LoopThread):
         def drop() -> None:
             if self.decoder is not None and name in self.decoder.adapters():
                 self.decoder.fail(AdapterChangedError(name, replaced), adapter=name)  # never finish on stale weights
+            self._rows.fail_started(name, AdapterChangedError(name, replaced))  # nor a half-embedded request
             # Under the lock as a whole: unwrapping layers changes the module tree that a fingerprint walks
             # from a worker thread, and the unmerge, the eviction and the re-pin are one change to readers.
             with self.lock:

@@ -1,11 +1,16 @@
 """The engine's loop thread: the only code that runs forwards and changes weights, always under the lock.
 
-    queue ──► gather ≤ max_batch_size items, waiting ≤ max_wait_ms (not at all while a decode runs)
+    queue ──► gather ≤ max_batch_size items, waiting ≤ max_wait_ms (not at all while work is in hand)
           ├─ controls first: evictions after a DELETE or overwrite, merges
-          ├─ per kind: the group's adapters resident (LRU), the merge policy, then
-          │     embed / classify: one forward for all rows, any adapter mix
-          │     generate: the rows join the running decode (up to max_batch_size; the rest wait)
+          ├─ embed / classify: the requests' rows join the pending rows (budget.py)
+          ├─ generate: the group's adapters resident (LRU), the merge policy, then the rows join the running
+          │     decode (up to max_batch_size; the rest wait), prefilled in groups of ≤ max_batch_tokens
+          ├─ one forward of pending rows, ≤ max_batch_tokens padded tokens, any adapter mix: its adapters
+          │     resident, the merge policy, run_batch
           └─ one decoding step for the running generation rows
+
+Between two forwards the loop takes whatever was queued meanwhile, so a short request never waits for all
+of a long one: only for the forward in flight.
 
 `LoopThread` is the loop-thread half of `Engine` (engine.py), which sets the state used here and keeps
 the public, event-loop-side API.
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from adapters import LoraModel, LoraWeights, MergeError
 from service.base_model import LoadedBase
 from service.engine.batch import admissible, run_batch
+from service.engine.budget import RowQueue, default_budget, plan
 from service.engine.errors import request_error
 from service.engine.requests import WorkItem
 
@@ -54,6 +60,8 @@ class LoopThread:
     decoder: Decoder | None
     _queue: queue.Queue
     _waiting: list[WorkItem]
+    _rows: RowQueue  # the pending rows of embed and classify requests
+    _splices = True  # whether this model's KV cache could be spliced at the last join (see _join)
 
     _set_merged: Callable[..., None]  # Engine's: merge (or unmerge) under the lock, protecting the given adapters
 
@@ -64,26 +72,41 @@ class LoopThread:
             if self._waiting and self._room() > 0:  # requests that waited for rows to end
                 self._run_group(self._take_waiting(self._room()), waited=True)
                 continue
-            if stopping and not decoding:
+            busy = decoding or bool(self._rows)
+            if stopping and not busy:
                 return
             first = None
             if not stopping:
-                try:  # while decoding, never wait: the running rows need their next step
-                    first = self._queue.get_nowait() if decoding else self._queue.get()
+                try:  # while decoding or rows are pending, never wait: that work goes on
+                    first = self._queue.get_nowait() if busy else self._queue.get()
                 except queue.Empty:
                     pass
             if first is STOP:
-                stopping = True  # the running decode finishes; nothing new is taken
+                stopping = True  # the running decode and the pending rows finish; nothing new is taken
             elif first is not None:
-                batch, controls = self._gather(first, wait=not decoding)
+                batch, controls = self._gather(first, wait=not busy)
                 # Controls first: an eviction after a DELETE or overwrite, or a merge, was asked for before (or
                 # while) these requests queued, so they must see its effect, never the stale weights.
                 for control in controls:
                     self._run_control(control)
                 for group in self._groups(batch):
-                    self._run_group(group)
+                    if group[0].kind == "generate":
+                        self._run_group(group)
+                    else:
+                        for item in group:
+                            self._rows.add(item)
+            if self._rows:
+                self._run_group(self._rows.take(self._max_batch_tokens(), self.settings.max_batch_size))
             if self.decoder is not None and self.decoder.active:
                 self._step()
+
+    def _max_batch_tokens(self) -> int:
+        return getattr(self.settings, "max_batch_tokens", None) or default_budget(self.base.device)
+
+    def _forward_key(self, item: WorkItem) -> object:
+        """Which pending rows may share a forward: the same kind, and under the merge-always baseline the
+        same adapter (one forward per adapter, as `_groups` does for generation)."""
+        return (item.kind, item.adapter) if self.policy.mode == "always" else item.kind
 
     def _room(self) -> int:
         """How many more rows the running decode takes now: up to max_batch_size, and none mid-decode when
@@ -134,6 +157,9 @@ class LoopThread:
             control.resolve(result)
 
     def _run_group(self, items: list[WorkItem], waited: bool = False) -> None:
+        """Generation requests join the decode; embed and classify parts (budget.Part) run one forward."""
+        if not items:
+            return
         generate = items[0].kind == "generate"
         if generate and not waited and (self._waiting or len(items) > self._room()):  # they queue, taking turns
             self._waiting.extend(items)
@@ -175,14 +201,31 @@ class LoopThread:
         return taken
 
     def _join(self, items: list[WorkItem]) -> None:
+        """Prefill the newcomers in groups of similar length within the token budget (not all padded to the
+        longest prompt), each group spliced into the running decode in turn. A model whose cache cannot be
+        spliced prefills them all at once, into a static batch, as before."""
+        lengths = [len(item.encoded[0]) for item in items]
+        groups = plan(lengths, self._max_batch_tokens()) if self._splices else [list(range(len(items)))]
+        for n, group in enumerate(groups):
+            if self.decoder.active and not self.decoder.can_join():
+                # That shows only once a first group runs: the rest wait for the decode to end.
+                self._waiting[:0] = [items[i] for g in groups[n:] for i in g]
+                return
+            self._join_group([items[i] for i in group])
+            if self.decoder.active:
+                self._splices = self.decoder.can_join()
+
+    def _join_group(self, items: list[WorkItem]) -> None:
+        """One prefill; if it fails, its requests are prefilled one by one, as run_batch does, so only the request
+        at fault fails and the running rows go on."""
         try:
             self.decoder.join(items)
-        except Exception as exc:  # noqa: BLE001 - the newcomers' prefill failed: they fail, running rows go on
+        except Exception as exc:  # noqa: BLE001
             if len(items) == 1:
                 items[0].fail(request_error(exc))
                 return
             log.warning("a prefill of %d requests failed; running them one by one", len(items), exc_info=exc)
-            for item in items:  # one by one, as run_batch does: only the request at fault fails
+            for item in items:
                 try:
                     self.decoder.join([item])
                 except Exception as own:  # noqa: BLE001
