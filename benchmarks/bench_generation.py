@@ -36,6 +36,7 @@ import adapters as A  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_json  # noqa: E402
 from service.engine import CompletionRequest, Engine, load_base_model  # noqa: E402
 from service.engine import decoding as decoding_module  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
 
 WORDS = ("the adapter model serves many small tasks while one frozen base stays on the device and every request "
          "names its own low rank update so batches mix them freely").split()
@@ -77,13 +78,13 @@ class MemoryStore:
             config = A.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
             self.items[f"a{i}"] = A.LoraWeights(config, lora)
 
-    def get(self, name: str):
+    def resolve(self, name: str):
         if name not in self.items:
             raise KeyError(name)
-        return SimpleNamespace(sha256=f"{name}-v1", version=1)
+        return SimpleNamespace(name=name, sha256=f"{name}-v1", version=1)
 
-    def load_weights(self, name: str) -> A.LoraWeights:
-        return self.items[name]
+    def load_weights(self, ref) -> A.LoraWeights:
+        return self.items[ref.name]
 
 
 def workload(n: int, mean_gap_ms: float, seed: int = 0) -> list[tuple[float, dict]]:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base_model(str(build_model(Path(tmp))), args.device, "float32")
-    settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
+    settings = EngineConfig(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
                                device_cache_adapters=8, device_cache_bytes=1 << 28,
                                max_batch_size=args.max_batch_size, max_wait_ms=5.0)
     engine = Engine(base, settings, MemoryStore(base.model, 4))

@@ -154,27 +154,29 @@ def random_adapter(model: nn.Module, rank: int, seed: int, scale: float = 0.02) 
 
 
 class MemoryStore:
-    """The two store calls the engine makes (`get`, `load_weights`), over a dict of LoraWeights."""
+    """The two store calls the engine makes (`resolve`, `load_weights` by record), over a dict of LoraWeights."""
 
     def __init__(self, items: dict[str, A.LoraWeights]) -> None:
         self.items = items
 
-    def get(self, name: str):
+    def resolve(self, name: str):
         from types import SimpleNamespace
 
         if name not in self.items:
             raise KeyError(name)
-        return SimpleNamespace(sha256=f"{name}-v1", version=1)
+        return SimpleNamespace(name=name, sha256=f"{name}-v1", version=1)
 
-    def load_weights(self, name: str) -> A.LoraWeights:
-        return self.items[name]
+    get = resolve
+
+    def load_weights(self, ref) -> A.LoraWeights:
+        return self.items[ref if isinstance(ref, str) else ref.name]
 
 
 def engine_settings(**overrides):
-    """The settings the Engine reads, as a plain namespace (no HTTP layer in between)."""
-    from types import SimpleNamespace
+    """The Engine's config (no HTTP layer in between)."""
+    from service.engine.config import EngineConfig
 
     values = dict(max_rank=64, host_cache_bytes=1 << 30, merge_policy="never", merge_kernel="auto",
                   device_cache_adapters=32, device_cache_bytes=1 << 30, max_batch_size=64, max_wait_ms=2.0)
     values.update(overrides)
-    return SimpleNamespace(**values)
+    return EngineConfig(**values)

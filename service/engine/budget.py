@@ -128,8 +128,15 @@ class Part:
     def __init__(self, request: _Request, rows: list[int]) -> None:
         self.request, self.rows, self.item = request, rows, request.item
         self.kind, self.adapter, self.preloaded = self.item.kind, self.item.adapter, self.item.preloaded
-        self.ref, self.key = self.item.ref, self.item.key  # the version it runs with (identity.py)
         self.encoded = [self.item.encoded[i] for i in rows]
+
+    @property
+    def ref(self):  # the adapter version it runs with (identity.py)
+        return self.item.ref
+
+    @property
+    def key(self) -> str | None:
+        return self.item.key
 
     @property
     def abandoned(self) -> bool:

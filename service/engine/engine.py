@@ -200,7 +200,7 @@ class Engine:
             raise EngineBusyError("the engine is not ready")
         self._check_task(kind)
         encoded = await asyncio.to_thread(self._encode, kind, payload)  # a long text never stalls the loop
-        ref = await self.resolve(model)  # once: the request runs with exactly this version
+        ref = getattr(payload, "ref", None) or await self.resolve(model)  # once: it runs with exactly this version
         preloaded = await self._ensure_loaded(ref)
         if not self.ready:  # stopped while the adapter loaded: nothing would answer a queued item
             raise EngineBusyError("the service is shutting down")

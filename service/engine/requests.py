@@ -30,6 +30,7 @@ class CompletionRequest:
     stream: bool = False
     messages: list[dict[str, str]] | None = None  # chat: rendered by the tokenizer's chat template, not `prompt`
     origin: str | None = None  # the call it belongs to (one HTTP request may carry many prompts): fair turns
+    ref: AdapterRef | None = None  # resolved already (engine.resolve): the prompts of one call share one version
 
 
 @dataclass

@@ -74,7 +74,7 @@ def _adapter_device_bytes(engine: Engine, device: str, baseline: int) -> int:
         sync(device)
         return torch.cuda.memory_allocated(device) - baseline
     total = 0
-    for layer in engine.lm.lora_layers().values():
+    for layer in engine.weights.lm.lora_layers().values():
         total += sum(t.numel() * t.element_size() for pair in layer._ab.values() for t in pair)
         if layer._stack_cache is not None:
             total += sum(t.numel() * t.element_size() for t in layer._stack_cache[1:])
@@ -82,7 +82,7 @@ def _adapter_device_bytes(engine: Engine, device: str, baseline: int) -> int:
 
 
 def _drop_tables(engine: Engine) -> None:
-    for layer in engine.lm.lora_layers().values():
+    for layer in engine.weights.lm.lora_layers().values():
         layer.mark_merged(layer.merged_adapter)  # clears the stacked tables; rebuilt at the next mixed forward
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.engine import AdapterChangedError, CompletionRequest
-from service.engine import loop as loop_module
+from service.engine import scheduler as loop_module
 from service.engine.budget import SMALL_WIDTH, RowQueue, plan
 from service.engine.requests import EmbedResult
 from service.settings import Settings

@@ -260,7 +260,7 @@ def test_only_a_plain_dynamic_cache_is_spliced(gpt2_dir):
 
     engine = make_engine(gpt2_dir)
     ids = torch.tensor([[1, 2, 3]])
-    with torch.inference_mode(), routing(engine.lm, [None]):
+    with torch.inference_mode(), routing(engine.weights.lm, [None]):
         cache = engine.base.model(input_ids=ids, use_cache=True).past_key_values
     assert _kv_layers(cache) is not None and len(_kv_layers(cache)) == 2
 

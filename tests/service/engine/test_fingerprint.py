@@ -10,7 +10,7 @@ import threading
 import pytest
 from torch import nn
 
-import service.engine.engine as engine_module
+import service.engine.weights as engine_module
 from adapters.layer import conv1d_type
 from service.engine import Engine, load_base_model
 from tests.service.engine.conftest import DictStore, random_adapter, settings
