@@ -100,8 +100,9 @@ class Scheduler:
         return self.decoder.adapters() if self.decoder is not None else set()
 
     def fail_adapter(self, name: str, replaced: bool) -> None:
-        """Loop thread: a deleted or replaced adapter's requests that have started fail with 409 (their remaining
-        rows or tokens would otherwise run on another version); the queued ones keep the version they resolved."""
+        """Loop thread, on engine.forget: requests already running on `name` (a decode, an embedding split across
+        forwards) fail with 409 rather than finish on a version that was deleted or replaced mid-way; queued
+        ones run whole on the version they resolved (identity.py)."""
         if self.decoder is not None and name in self.decoder.names():
             self.decoder.fail(AdapterChangedError(name, replaced), adapter=name)
         self.rows.fail_started(name, AdapterChangedError(name, replaced))
