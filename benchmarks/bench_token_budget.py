@@ -111,7 +111,7 @@ def old_single_forward(engine: Engine, texts: list[str]) -> float:
     tok = engine.base.tokenizer
     ids = [tok(t, truncation=True, max_length=engine.base.max_length)["input_ids"] for t in texts]
     start = time.perf_counter()
-    with engine.lock:
+    with engine.weights.lock:
         embed_rows(engine.weights.lm, engine.base, ids, [None] * len(ids))
     return time.perf_counter() - start
 
@@ -125,7 +125,7 @@ def forward_curve(engine: Engine) -> list[list[object]]:
         samples = []
         for _ in range(3 if n * width < 16384 else 1):
             start = time.process_time()
-            with engine.lock:
+            with engine.weights.lock:
                 embed_rows(engine.weights.lm, engine.base, ids, [None] * n)
             samples.append(time.process_time() - start)
         ms = 1e3 * min(samples)

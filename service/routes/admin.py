@@ -24,7 +24,7 @@ async def get_state(engine: EngineDep, fingerprints: FingerprintsQuery = False) 
     """With `?fingerprints=true`, `fingerprint` is a sha256 over every base weight a merge can change, computed
     now, and `pristine_fingerprint` the same over the pristine weights (computed once, then cached); they are
     equal when nothing is merged. Without it both are null, and the answer costs no hashing. Inference waits
-    only for the hash itself (it runs in a worker thread, under the engine's lock)."""
+    only for the hash itself (it runs in a worker thread, under the WeightOwner's lock)."""
     return StateResponse(**await engine.state(fingerprints=fingerprints))
 
 
