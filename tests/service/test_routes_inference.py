@@ -325,11 +325,12 @@ def test_non_finite_outputs_are_a_clear_error_for_their_own_request_only(bert_cl
 # ---------------------------------------------------------------------------------------------- system_fingerprint
 def test_every_answer_names_the_version_that_answered(bert_client: TestClient, unique: str):
     """OpenAI's system_fingerprint: "<adapter>@v<version>:<sha256[:12]>", or "base"; an overwrite is the next one."""
-    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=41))
+    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=9041))  # bytes no other test uploads
     v1 = bert_client.get(f"/v1/adapters/{unique}").json()
     first = bert_client.post("/v1/embeddings", json={"model": unique, "input": "hi"}).json()
     assert first["system_fingerprint"] == f"{unique}@v1:{v1['sha256'][:12]}"
-    r = bert_client.put(f"/v1/adapters/{unique}?overwrite=true", files=peft_files(make_adapter(BERT_TARGETS, seed=42)))
+    r = bert_client.put(f"/v1/adapters/{unique}?overwrite=true",
+                        files=peft_files(make_adapter(BERT_TARGETS, seed=9042)))
     assert r.status_code == 201
     second = bert_client.post("/v1/embeddings", json={"model": unique, "input": "hi"}).json()
     assert second["system_fingerprint"] == f"{unique}@v2:{r.json()['sha256'][:12]}"
