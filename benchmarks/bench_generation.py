@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -36,6 +35,7 @@ import adapters as A  # noqa: E402
 from benchmarks.common import MemoryStore, machine_info, markdown_table, write_json  # noqa: E402
 from service.engine import CompletionRequest, Engine, load_base_model  # noqa: E402
 from service.engine import decoding as decoding_module  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
 
 WORDS = ("the adapter model serves many small tasks while one frozen base stays on the device and every request "
          "names its own low rank update so batches mix them freely").split()
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = load_base_model(str(build_model(Path(tmp))), args.device, "float32")
-    settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
+    settings = EngineConfig(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
                                device_cache_adapters=8, device_cache_bytes=1 << 28,
                                max_batch_size=args.max_batch_size, max_wait_ms=5.0)
     engine = Engine(base, settings, MemoryStore(gpt2_adapters(base.model, 4)))

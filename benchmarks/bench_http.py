@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import torch
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import adapters as A  # noqa: E402
 from benchmarks.common import machine_info, write_json  # noqa: E402
 from service.engine import Engine, load_base_model  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
 from service.storage import local_store  # noqa: E402
 
 WORDS = "the quick brown fox jumps over a lazy dog while small adapters serve many tasks at once".split()
@@ -102,7 +102,7 @@ async def drive_http(port: int, work: list[tuple[str, str]]) -> dict:
 
 
 async def drive_in_process(store_dir: Path, work: list[tuple[str, str]]) -> dict:
-    settings = SimpleNamespace(max_rank=64, host_cache_bytes=512 << 20, merge_policy="never", merge_kernel="auto",
+    settings = EngineConfig(max_rank=64, host_cache_bytes=512 << 20, merge_policy="never", merge_kernel="auto",
                                device_cache_adapters=32, device_cache_bytes=256 << 20,
                                max_batch_size=32, max_wait_ms=5.0)
     store = local_store(store_dir)

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -27,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adapters as A  # noqa: E402
 from benchmarks.common import machine_info, write_json  # noqa: E402
 from service.engine import Engine, load_base_model  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
+from service.engine.identity import AdapterRef  # noqa: E402
 from service.storage import canonicalize, local_store  # noqa: E402
 
 RANK, N_ADAPTERS, BATCH, SEQ = 8, 8, 32, 32
@@ -118,15 +119,16 @@ def bench_cold_load(base_dir: str | None, device: str, runs: int) -> dict:
     pm.save_pretrained(work / "peft")
     store = local_store(work / "store")
     store.put("cold", canonicalize(A.load_peft_dir(work / "peft")))
-    settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
+    settings = EngineConfig(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
                                device_cache_adapters=8, device_cache_bytes=1 << 28, max_batch_size=32, max_wait_ms=5)
     engine = Engine(loaded, settings, store)
+    ref = AdapterRef.of(store.resolve("cold"))
     peft_host = PeftModel.from_pretrained(copy.deepcopy(loaded.model), work / "peft", adapter_name="warm")
 
     def ours():  # store (disk) -> validated -> resident: the engine's own path, host cache emptied first
-        engine.host_cache.pop("cold")
-        engine.tiers.add_resident("cold")
-        engine._evict("cold")
+        engine.weights.host.pop("cold")
+        engine.weights.tiers.add_resident(ref)
+        engine.weights.evict("cold")
 
     def peft():
         peft_host.load_adapter(str(work / "peft"), adapter_name="cold")

@@ -27,7 +27,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine_info, markdown_table, write_json  # noqa: E402
 from service.engine import Engine, load_base_model  # noqa: E402
 from service.engine.budget import default_budget  # noqa: E402
+from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.runner import embed_rows  # noqa: E402
 
 
@@ -113,8 +113,8 @@ def old_single_forward(engine: Engine, texts: list[str]) -> float:
     tok = engine.base.tokenizer
     ids = [tok(t, truncation=True, max_length=engine.base.max_length)["input_ids"] for t in texts]
     start = time.perf_counter()
-    with engine.lock:
-        embed_rows(engine.lm, engine.base, ids, [None] * len(ids))
+    with engine.weights.lock:
+        embed_rows(engine.weights.lm, engine.base, ids, [None] * len(ids))
     return time.perf_counter() - start
 
 
@@ -127,8 +127,8 @@ def forward_curve(engine: Engine) -> list[list[object]]:
         samples = []
         for _ in range(3 if n * width < 16384 else 1):
             start = time.process_time()
-            with engine.lock:
-                embed_rows(engine.lm, engine.base, ids, [None] * n)
+            with engine.weights.lock:
+                embed_rows(engine.weights.lm, engine.base, ids, [None] * n)
             samples.append(time.process_time() - start)
         ms = 1e3 * min(samples)
         rows.append([f"{n} x {width}", n * width, f"{ms:.1f}", f"{ms / (n * width):.3f}"])
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = load_base_model(None, "cpu", "float32")
     budget = args.max_batch_tokens or default_budget(base.device)
-    settings = SimpleNamespace(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
+    settings = EngineConfig(max_rank=64, host_cache_bytes=1 << 28, merge_policy="never", merge_kernel="auto",
                                device_cache_adapters=8, device_cache_bytes=1 << 28, max_batch_size=32,
                                max_wait_ms=5.0, max_batch_tokens=budget)
     engine = Engine(base, settings, store=None)  # the base only: the store is never read

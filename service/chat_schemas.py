@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.schemas import MAX_TOP_LOGPROBS, GenerationRequest, Usage
+from service.schemas import MAX_TOP_LOGPROBS, SYSTEM_FINGERPRINT, GenerationRequest, Usage
 
 __all__ = ["ChatMessage", "ChatCompletionRequest", "ChatCompletionResponse", "ChatChoice", "ChatLogprobs",
            "ChatTokenLogprob", "ChatTopLogprob", "ChatResponseMessage"]
@@ -83,5 +83,6 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = Field(None, description=SYSTEM_FINGERPRINT)
     choices: list[ChatChoice]
     usage: Usage

@@ -56,7 +56,7 @@ def _compose(engine: Engine, store: AdapterStore, request: ComposeRequest) -> Co
         # one module differently (`bert.encoder...` and `encoder...`) add up in the same place.
         items.append((engine.validate(store.load_weights(item.name)), item.weight))
     result = compose(items, rank=request.rank)
-    max_rank = engine.settings.max_rank
+    max_rank = engine.config.max_rank
     if result.weights.max_rank() > max_rank:
         raise AdapterError(f"the composition has rank {result.weights.max_rank()}, above the maximum {max_rank}; "
                            "pass a smaller \"rank\" to truncate it", field="rank")

@@ -18,12 +18,16 @@ __all__ = [
     "ComposeRequest", "ComposeResponse", "StateResponse", "CompletionRequest", "CompletionLogprobs",
     "CompletionChoice", "Usage", "CompletionResponse", "EmbeddingRequest", "Embedding", "EmbeddingResponse",
     "ClassifyRequest", "LabelScore", "Classification", "ClassifyResponse", "ModelCard", "ModelList", "Health",
-    "StreamOptions", "GenerationRequest", "only_neutral", "EmbeddingInfo", "MAX_TOP_LOGPROBS",
+    "StreamOptions", "GenerationRequest", "SYSTEM_FINGERPRINT", "only_neutral", "EmbeddingInfo", "MAX_TOP_LOGPROBS",
 ]
 
 MAX_INPUTS = 2048  # texts per embeddings/classify request, as OpenAI allows
 MAX_TOP_LOGPROBS = 20  # alternatives per generated token, as OpenAI allows (chat top_logprobs, completions logprobs)
 Texts = str | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
+
+
+SYSTEM_FINGERPRINT = ("Which weights answered: '<adapter>@v<version>:<sha256[:12]>', the version the request "
+                      "resolved when it arrived, or 'base'")
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -109,11 +113,13 @@ class ComposeResponse(AdapterInfo):
 # ------------------------------------------------------------------------------------- state
 class StateResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
-    merged_adapter: str | None
+    merged_adapter: str | None = Field(description="The merged adapter's name (`merged` has its version and sha256)")
     pinned: bool = Field(False, description="True after an explicit merge, until an explicit unmerge")
     mode: Literal["merged", "unmerged"]
     merge_policy: dict[str, Any]
-    resident_adapters: list[str]
+    resident_adapters: list[str] = Field(description="Names of the adapters resident on the device")
+    resident: list[dict[str, Any]] = Field(default_factory=list, description="Each resident adapter's name, version "
+                                                                            "and sha256 (residency is by content)")
     merge_kernel: Literal["fused", "addmm"] = Field(
         description="What merges run on: the one-pass fused CPU kernel (float32 or bfloat16 weights, rank <= 32) "
                     "or torch.addmm")
@@ -230,6 +236,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = Field(None, description=SYSTEM_FINGERPRINT)
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -256,6 +263,7 @@ class EmbeddingResponse(BaseModel):
     object: Literal["list"] = "list"
     data: list[Embedding]
     model: str
+    system_fingerprint: str | None = Field(None, description=SYSTEM_FINGERPRINT)
     usage: Usage
 
 
@@ -281,6 +289,7 @@ class ClassifyResponse(BaseModel):
     object: Literal["list"] = "list"
     data: list[Classification]
     model: str
+    system_fingerprint: str | None = Field(None, description=SYSTEM_FINGERPRINT)
     usage: Usage
 
 

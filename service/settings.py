@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     single text runs alone. Default: 16384 on CUDA, 512 on CPU (larger buys a CPU no throughput)."""
     merge_policy: Literal["never", "always", "auto"] = "auto"
     """never: always unmerged; always: merge each batch's adapter; auto: merge when one adapter dominates."""
+    merge_window: int = Field(64, ge=1, le=1 << 16)
+    """auto policy: how many recent requests it watches to decide whether one adapter dominates."""
+    merge_min_dwell: int = Field(8, ge=0, le=1 << 16)
+    """auto policy: fewest batches between two mode changes (hysteresis against thrashing)."""
     merge_kernel: Literal["auto", "addmm"] = "auto"
     """auto: CPU float32/bfloat16 merges run on the one-pass C kernel where it was built; addmm: always torch.addmm."""
 

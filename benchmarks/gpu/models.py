@@ -154,10 +154,10 @@ def random_adapter(model: nn.Module, rank: int, seed: int, scale: float = 0.02) 
 
 
 def engine_settings(**overrides):
-    """The settings the Engine reads, as a plain namespace (no HTTP layer in between)."""
-    from types import SimpleNamespace
+    """The Engine's config (no HTTP layer in between)."""
+    from service.engine.config import EngineConfig
 
     values = dict(max_rank=64, host_cache_bytes=1 << 30, merge_policy="never", merge_kernel="auto",
                   device_cache_adapters=32, device_cache_bytes=1 << 30, max_batch_size=64, max_wait_ms=2.0)
     values.update(overrides)
-    return SimpleNamespace(**values)
+    return EngineConfig(**values)

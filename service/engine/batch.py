@@ -1,7 +1,7 @@
 """Running one gathered group of text requests (embed, classify): admission checks, the forward, and
 per-request results. Generation runs in service/engine/decoding.py (rows join a running decode).
 
-Called by the engine's loop thread, under the engine lock, once the group's adapters are resident and
+Called by the Scheduler's loop thread, under the WeightOwner's lock, once the group's adapters are resident and
 the merge policy has run. Every request gets exactly one outcome (a result or an error), and a request
 that cannot run, or whose output is unusable, fails alone rather than taking its batch-mates with it.
 """
@@ -31,7 +31,7 @@ def admissible(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> list[W
             continue
         try:
             if item.kind == "classify":
-                check_classify(lm, base, item.adapter)
+                check_classify(lm, base, item.key, item.adapter)
         except Exception as exc:  # noqa: BLE001 - handed back to the awaiting handler
             item.fail(exc)
             continue
@@ -62,7 +62,7 @@ def _run_texts(lm: LoraModel, base: LoadedBase, items: list[WorkItem]) -> None:
     for item in items:
         spans.append((len(ids), len(ids) + len(item.encoded)))
         ids += item.encoded  # tokenized by the handler's worker thread
-        names += [item.adapter] * len(item.encoded)
+        names += [item.key] * len(item.encoded)  # routed by content: exactly the version it resolved
     fn = embed_rows if items[0].kind == "embed" else classify_rows
     rows, tokens = fn(lm, base, ids, names)  # one forward, row i through adapter names[i]
     for item, (a, b) in zip(items, spans, strict=True):

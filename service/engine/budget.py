@@ -131,6 +131,14 @@ class Part:
         self.encoded = [self.item.encoded[i] for i in rows]
 
     @property
+    def ref(self):  # the adapter version it runs with (identity.py)
+        return self.item.ref
+
+    @property
+    def key(self) -> str | None:
+        return self.item.key
+
+    @property
     def abandoned(self) -> bool:
         return self.item.abandoned or self.request.failed
 

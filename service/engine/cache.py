@@ -2,8 +2,10 @@
 
     store (disk, durable)  →  HostCache (RAM, LRU by bytes)  →  resident on the device (LoraModel)
 
-Entries are keyed by name and checked against the store's sha256, so an overwritten adapter is never
-served stale. The tiers together are in tiers.py.
+Entries are keyed by the adapter's sha256 (identity.py), so an overwritten adapter is a new key and the old
+entry can never be served for it; two names whose stored files are identical share one entry. Each entry
+remembers the names it was loaded for, for /v1/state and so that `pop(name)` (engine.forget) can free it
+early. The tiers together are in tiers.py.
 """
 
 from __future__ import annotations
@@ -19,48 +21,63 @@ __all__ = ["HostCache"]
 class HostCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[str, LoraWeights, int]] = OrderedDict()  # name -> (sha, w, bytes)
+        # sha256 -> (weights, bytes, names it was loaded for), least recently used first
+        self._entries: OrderedDict[str, tuple[LoraWeights, int, list[str]]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()  # touched by loader threads and the loop thread
 
-    def get(self, name: str, sha256: str | None = None) -> LoraWeights | None:
+    def get(self, sha256: str, name: str | None = None) -> LoraWeights | None:
         with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or (sha256 is not None and entry[0] != sha256):
+            entry = self._entries.get(sha256)
+            if entry is None:
                 return None
-            self._entries.move_to_end(name)
-            return entry[1]
+            if name is not None and name not in entry[2]:
+                entry[2].append(name)
+            self._entries.move_to_end(sha256)
+            return entry[0]
 
-    def peek(self, name: str) -> tuple[str, LoraWeights] | None:
-        """(sha256, weights) of whatever version is held for `name`, unchecked: for when the index is unreachable."""
-        with self._lock:
-            entry = self._entries.get(name)
-            return None if entry is None else (entry[0], entry[1])
-
-    def put(self, name: str, sha256: str, weights: LoraWeights) -> None:
+    def put(self, sha256: str, weights: LoraWeights, name: str | None = None) -> None:
         size = weights.nbytes()
         with self._lock:
-            self._pop_locked(name)
+            names = self._pop_locked(sha256)
             if size > self.max_bytes:
                 return  # larger than the whole tier: served from disk each time it goes cold
-            self._entries[name] = (sha256, weights, size)
+            if name is not None and name not in names:
+                names.append(name)
+            self._entries[sha256] = (weights, size, names)
             self._bytes += size
             while self._bytes > self.max_bytes:
                 self._pop_locked(next(iter(self._entries)))
 
-    def pop(self, name: str) -> None:
+    def pop(self, key: str) -> None:
+        """Drop the entry of this sha256, or every entry loaded for this name (a deleted or replaced adapter:
+        its memory back sooner; correctness never depends on it, since entries are keyed by content)."""
         with self._lock:
-            self._pop_locked(name)
+            if key in self._entries:
+                self._pop_locked(key)
+                return
+            for sha, (_, _, names) in list(self._entries.items()):
+                if key in names:
+                    names.remove(key)
+                    if not names:
+                        self._pop_locked(sha)
 
-    def _pop_locked(self, name: str) -> None:
-        entry = self._entries.pop(name, None)
-        if entry is not None:
-            self._bytes -= entry[2]
+    def _pop_locked(self, sha256: str) -> list[str]:
+        entry = self._entries.pop(sha256, None)
+        if entry is None:
+            return []
+        self._bytes -= entry[1]
+        return entry[2]
 
     @property
     def nbytes(self) -> int:
         return self._bytes
 
     def names(self) -> list[str]:
+        """The names of the cached entries, least recently used first (each once)."""
         with self._lock:
-            return list(self._entries)
+            return list(dict.fromkeys(n for _, _, names in self._entries.values() for n in names))
+
+    def __contains__(self, sha256: str) -> bool:
+        with self._lock:
+            return sha256 in self._entries

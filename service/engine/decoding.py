@@ -7,8 +7,8 @@
 
 So a request never waits for a running batch to end, and a short one is answered while long ones go on.
 Positions come from each row's own count of real tokens, and padding is masked, so a row's tokens do not
-depend on who joins or leaves (each row also keeps its own seeded generator). The engine's loop thread
-calls join and step, under the engine lock; between steps it runs other work (merges, deletes).
+depend on who joins or leaves (each row also keeps its own seeded generator). The Scheduler's loop
+thread calls join and step, under the WeightOwner's lock; between steps it runs other work (merges, deletes).
 
 Splicing needs a plain DynamicCache whose layers hold nothing but (batch, heads, time, dim) key and value
 tensors. For any other cache (sliding windows, hybrid layers, older transformers) `can_join` is False while
@@ -73,7 +73,11 @@ class Decoder:
         return self.running() > 0
 
     def adapters(self) -> set[str]:
-        """The adapters running rows use: they must stay resident until those rows end."""
+        """The keys (sha256) of the adapters running rows use: they must stay resident until those rows end."""
+        return {row.item.key for row in self.rows if row.finish is None and row.item.key is not None}
+
+    def names(self) -> set[str]:
+        """The names of the adapters running rows use (engine.forget fails those rows)."""
         return {row.item.adapter for row in self.rows if row.finish is None and row.item.adapter is not None}
 
     def can_join(self) -> bool:
@@ -87,7 +91,7 @@ class Decoder:
         ids, mask = enc["input_ids"], enc["attention_mask"]  # (b, t)
         rows = [Row(it, len(it.encoded[0])) for it in items]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, t): left padding keeps real positions at 0..n-1
-        with routing(self.lm, [it.adapter for it in items]):
+        with routing(self.lm, [it.key for it in items]):  # by content: the version each request resolved
             out = self.base.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache, logits = cache_of(out), out.logits[:, -1].float()  # (b, V)
         for row in rows:
@@ -160,7 +164,7 @@ class Decoder:
         # A rider must not run past the position table: a short prompt may decode far longer than a long one.
         self._pos = (self._pos + 1).clamp(max=self.base.max_length - 1)  # (B, 1)
         # Riders (rows the cache could not drop) run as base rows: their adapter may be gone by now.
-        with routing(self.lm, [row.item.adapter if row.finish is None else None for row in self.rows]):
+        with routing(self.lm, [row.item.key if row.finish is None else None for row in self.rows]):
             out = self.base.model(input_ids=step, attention_mask=self._mask, position_ids=self._pos, use_cache=True,
                                   **{self._cache_arg: self._cache})
         self._cache, self._logits = cache_of(out), out.logits[:, -1].float()

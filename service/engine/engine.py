@@ -1,38 +1,33 @@
-"""The engine: one loop thread owns the model; HTTP handlers hand it work through a queue.
+"""`Engine`: the async facade the routes call. It resolves, tokenizes and loads off the loop, then hands work on.
 
-    handler ──tokenize, load the adapter into the host cache (worker threads)──► queue ──► loop thread (loop.py)
+    handler ─► Engine (event loop)          resolve `model` to an AdapterRef (store, worker thread), tokenize and
+                 │                           load the adapter into the host cache (worker threads)
+                 ├─ put(WorkItem) ─────────► Scheduler (scheduler.py): the loop thread, batching and decoding
+                 └─ call(control) ─────────►   └─► WeightOwner (weights.py): LoraModel, residency tiers, merge
+                                                    policy, the pin, the lock: the only writer of weights
 
-This is the event-loop side: the public API the routes call (embed, classify, complete, stream, merge,
-unmerge, state, forget), the lifecycle, and validation. Every weight change (merge, unmerge, switch,
-adapter in/out) and every forward runs on the loop thread while holding `self.lock`, so a forward never
-sees half-merged weights; calls that change weights are queued to it as controls. The one other holder of
-the lock is the fingerprint hash (`state(fingerprints=True)`), which reads every base weight in a worker
-thread, so the loop thread waits for it only between batches, and merges never pay for it. Reading an adapter
-from disk, validating it and tokenizing happen off the loop (in `asyncio.to_thread`), so a cold adapter
-or a long text does not stall batches of warm ones. Generation is continuously batched (decoding.py).
+A request's adapter is resolved once, at submit, to its (name, version, sha256) (identity.py): it runs with
+exactly that sha256's weights, whatever the name points at by the time it runs (an overwrite meanwhile is a
+new key, so a queued request is served whole by the version it resolved, or gets 409 if that version's files
+are gone before it could load them; never a mix). The answer says which version in `system_fingerprint`.
+`forget()` after a delete or overwrite frees memory sooner, fails requests that have started on that name
+(409) and moves a pinned merge to the new version; correctness does not rest on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from adapters import LoraModel, LoraWeights, UnknownAdapterError, validate_adapter
-from adapters.merge_kernel import kernel_name
-from adapters.validation import model_index
+from adapters import LoraWeights, UnknownAdapterError
 from service.base_model import LoadedBase
 from service.embedding_spec import EmbeddingSpecError
-from service.engine.budget import RowQueue
-from service.engine.decoding import Decoder
-from service.engine.errors import AdapterChangedError, BadRequestError, EngineBusyError, WrongTaskError
-from service.engine.fingerprint import fingerprint
+from service.engine.config import EngineConfig
+from service.engine.errors import BadRequestError, EngineBusyError, WrongTaskError
 from service.engine.generation import check_prompt
-from service.engine.loop import STOP, LoopThread
-from service.engine.policy import MergePolicy
+from service.engine.identity import AdapterRef, system_fingerprint
 from service.engine.requests import (
     ClassifyResult,
     CompletionChunk,
@@ -41,211 +36,172 @@ from service.engine.requests import (
     EmbedResult,
     WorkItem,
 )
-from service.engine.tiers import AdapterTiers
+from service.engine.scheduler import Scheduler
 from service.engine.tokenizing import TokenizerPool, default_pool_size, encode, render_chat
+from service.engine.weights import WeightOwner
+from service.storage.interfaces import StorageUnavailableError
 
 __all__ = ["Engine"]
 
-# The largest |s·B·A| entry an uploaded adapter may add to a weight. Trained deltas are small next to the
-# weights (well under 1); one of 10^4 can only overflow activations, or wreck the model, so it is refused.
-MAX_DELTA = 1e4
 log = logging.getLogger(__name__)
 
 
-class Engine(LoopThread):
-    def __init__(self, base: LoadedBase, settings: Any, store: Any, metrics: Any = None) -> None:
-        self.base, self.settings, self.store, self.metrics = base, settings, store, metrics
-        self.index = model_index(base.model)  # the bare base's tree, for validation in any thread
-        self.lm = LoraModel(base.model, max_rank=settings.max_rank, fused_merges=settings.merge_kernel == "auto")
-        self.lock = threading.RLock()
-        self.tiers = AdapterTiers(self.lm, base, settings, store, self.validate, self._count)
-        self.host_cache, self.resident = self.tiers.host, self.tiers.resident  # read by state() and the tests
-        self.policy = MergePolicy(settings.merge_policy, window=getattr(settings, "merge_window", 64),
-                                  min_dwell=getattr(settings, "merge_min_dwell", 8))
-        self.pinned = False
-        self._queue: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._loads: dict[str, asyncio.Future] = {}
+class Engine:
+    def __init__(self, base: LoadedBase, config: EngineConfig | Any, store: Any, metrics: Any = None) -> None:
+        """`config`: an EngineConfig, or the service's Settings (read once by EngineConfig.from_settings)."""
+        self.config = config if isinstance(config, EngineConfig) else EngineConfig.from_settings(config)
+        self.base, self.store, self.metrics = base, store, metrics
+        self.weights = WeightOwner(base, self.config, store, metrics)
+        self.scheduler = Scheduler(base, self.config, self.weights, metrics)
         self.tokenizers = TokenizerPool(base.tokenizer, default_pool_size())  # for handler threads only
-        self.decoder = Decoder(self.lm, base) if base.task == "generate" else None
-        self._waiting: list[WorkItem] = []  # generation requests that cannot join the running decode
-        self._pristine_fingerprint: str | None = None  # of W0, which never changes: hashed on the first request
-        self._rows = RowQueue(key=self._forward_key)  # embed/classify rows waiting for a forward (budget.py)
+        self._loads: dict[str, asyncio.Future] = {}  # sha256 -> the load in flight, shared by its callers
+        self._last_resolved: dict[str, AdapterRef] = {}  # name -> its latest ref: served while the index is down
+        self._changes: set[asyncio.Task] = set()  # re-pins after an overwrite, awaited by state/merge/unmerge
         self.ready = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="lora-engine", daemon=True)
-        self._thread.start()
+        self.scheduler.start()
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
-        if self._thread is not None:
-            self._queue.put(STOP)
-            await asyncio.to_thread(self._thread.join, 30)
-        # Whatever was queued behind the stop is answered, not left hanging: 503 for its handler.
-        if self._thread is None or not self._thread.is_alive():  # else the loop still owns it (the join timed out)
-            waiting, self._waiting = self._waiting, []
-            for item in waiting:
-                item.fail(EngineBusyError("the service is shutting down"))
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, WorkItem):
-                item.fail(EngineBusyError("the service is shutting down"))
+        await self.scheduler.stop()
 
     # ------------------------------------------------------------------ adapters
     def validate(self, weights: LoraWeights) -> LoraWeights:
-        """Against the bare base (a snapshot: the loop thread may be wrapping layers meanwhile). Conflicts
-        with the adapters resident at the time are checked when one is added, on the loop thread."""
-        return validate_adapter(self.base.model, weights, max_rank=self.settings.max_rank,
-                                allow_detached=self.base.task != "classify", max_delta=MAX_DELTA, index=self.index)
+        """Full validation against the base (max_rank from the config); any thread."""
+        return self.weights.validate(weights)
 
-    async def _ensure_loaded(self, name: str | None) -> tuple[str, LoraWeights] | None:
-        """Resolve `name` in the index and read and validate its stored version off the loop thread
-        (concurrent callers share one check), so the loop never waits for the store; None when the resident
-        copy is that version (or for the base). The index is asked on every request, since another server
-        sharing the store may have replaced or deleted the adapter (a name cache answers in microseconds)."""
-        if name is None:
+    async def resolve(self, model: str) -> AdapterRef | None:
+        """What `model` names now (None for the base): one store lookup, in a worker thread.
+
+        When the index cannot be reached (a shared store's PostgreSQL is down), the version this engine last
+        resolved for the name is served if a copy of it is held (on the device or in host RAM), rather than
+        failing the request; it is stale only if another server replaced or deleted the adapter meanwhile, and
+        the next request after the index is back resolves it again. Anything not held answers 503."""
+        if model == "base":
             return None
-        fut = self._loads.get(name)
-        if fut is None:
-            fut = asyncio.ensure_future(asyncio.to_thread(self.tiers.check, name))
-            self._loads[name] = fut
-            fut.add_done_callback(lambda _f, n=name: self._loads.pop(n, None))
         try:
-            loaded = await asyncio.shield(fut)
-        except UnknownAdapterError:
-            if name in self.resident or self.host_cache.get(name) is not None:
-                self.forget(name)  # deleted through another server: drop the copies (unmerged if merged)
-            raise
-        held = self.resident.get(name)
-        if loaded is not None and held is not None and held[0] != loaded[0]:
-            self.forget(name, replaced=True)  # replaced through another server: queued before this request
-            self.host_cache.put(name, *loaded)  # forget dropped the host copy too; this one is current
-        return loaded
+            record = await asyncio.to_thread(self.store.resolve, model)
+        except StorageUnavailableError:
+            last = self._last_resolved.get(model)
+            where = self.weights.held(last) if last is not None else None
+            if where is None:
+                raise
+            if self.metrics is not None:
+                self.metrics.stale_served.labels(tier=where).inc()
+            return last
+        except LookupError as exc:  # a store without the domain error (tests' dict stores)
+            raise UnknownAdapterError(f"adapter {model!r} not found", key=model) from exc
+        ref = AdapterRef.of(record)
+        self._last_resolved[model] = ref
+        return ref
+
+    async def _ensure_loaded(self, ref: AdapterRef | None) -> LoraWeights | None:
+        """Read and validate `ref` off the loop thread (concurrent callers share one load), so the loop never
+        waits for the store; None when it is resident already (or for the base)."""
+        if ref is None or self.weights.is_resident(ref):
+            return None
+        fut = self._loads.get(ref.key)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(self.weights.load, ref))
+            self._loads[ref.key] = fut
+            fut.add_done_callback(lambda _f, k=ref.key: self._loads.pop(k, None))
+        return await asyncio.shield(fut)
 
     def prefetch(self, name: str) -> None:
+        """A hint after an upload: resolve and load into the host cache in the background."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        task = loop.create_task(self._ensure_loaded(name))
+
+        async def load() -> None:
+            await self._ensure_loaded(await self.resolve(name))
+
+        task = loop.create_task(load())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failed prefetch is not an error
 
     def forget(self, name: str, *, replaced: bool = False) -> None:
-        """After a delete, or an overwrite (`replaced`): drop every cached copy, unmerging first if it is
-        merged. An overwritten adapter that was pinned merged is merged again in its new version, so the
-        pin holds until an explicit unmerge. The loop runs this before any batch it gathers with it, so
-        no later request sees the old weights."""
-        self.host_cache.pop(name)
+        """After a delete, or an overwrite (`replaced`): requests already running on `name` fail (409), every
+        cached version leaves memory, a merged one is unmerged, and one pinned merged is moved to the new
+        version (resolved and loaded off the loop), so the pin holds until an explicit unmerge. An optimisation:
+        requests are keyed by content, so without it nobody is served stale weights, only memory is kept longer."""
+        self.weights.host.pop(name)
+        weights, scheduler = self.weights, self.scheduler
 
-        def drop() -> None:
-            if self.decoder is not None and name in self.decoder.adapters():
-                self.decoder.fail(AdapterChangedError(name, replaced), adapter=name)  # never finish on stale weights
-            self._rows.fail_started(name, AdapterChangedError(name, replaced))  # nor a half-embedded request
-            # Under the lock as a whole: unwrapping layers changes the module tree that a fingerprint walks
-            # from a worker thread, and the unmerge, the eviction and the re-pin are one change to readers.
-            with self.lock:
-                repin = replaced and self.pinned and self.lm.merged_adapter == name
-                self.policy.forget(name)  # its past traffic must not make `auto` merge it (or its successor)
-                self._evict(name, force=True)
-                if repin:
-                    try:
-                        self._set_merged(name, kind="merge")
-                        self.pinned = True
-                    except Exception as exc:  # noqa: BLE001 - e.g. the new version cannot merge: served unmerged
-                        log.warning("the new version of pinned adapter %r could not be merged (%s); unpinned",
-                                    name, exc)
+        def drop() -> bool:
+            scheduler.fail_adapter(name, replaced)
+            merged = weights.merged
+            repin = replaced and weights.pinned and merged is not None and merged.name == name
+            weights.evict(name, keep_merged=repin)
+            return repin
 
-        self._call_soon(drop)
+        if not replaced:
+            scheduler.call_soon(drop)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a script): the drop alone, unmerging
+            loop = None
+        if loop is None or not self.ready:
+            scheduler.call_soon(lambda: (scheduler.fail_adapter(name, replaced), weights.evict(name)))
+            return
+        dropped = scheduler.control(drop)  # queued now: ahead of anything queued after this call
+        task = loop.create_task(self._repin(name, dropped))
+        self._changes.add(task)
+        task.add_done_callback(lambda t: self._changes.discard(t) or t.cancelled() or t.exception())
 
-    def _evict(self, name: str, force: bool = False) -> None:
-        """Loop thread: take `name` off the device; a merged adapter only when forced (after a delete)."""
-        if name == self.lm.merged_adapter and name in self.resident:
-            if not force:
-                return
-            self._set_merged(None, kind="unmerge")
-            self.pinned = False
-        self.tiers.remove(name)
+    async def _repin(self, name: str, dropped: asyncio.Future) -> None:
+        if not await dropped or not self.ready:  # nothing was pinned to `name`
+            return
+        try:
+            ref = await self.resolve(name)
+            preloaded = await self._ensure_loaded(ref)
+        except Exception as exc:  # noqa: BLE001 - gone or unreadable: the old version is unmerged
+            log.warning("the new version of pinned adapter %r could not be loaded (%s); unmerged", name, exc)
+            ref, preloaded = None, None
+        if self.ready:
+            await self.scheduler.call(lambda: self.weights.repin(name, ref, preloaded, self.scheduler.busy()))
+
+    async def _settled(self) -> None:
+        """Wait for re-pins queued by forget() before this call, so state and merges see their effect."""
+        if self._changes and self.ready:
+            await asyncio.gather(*list(self._changes), return_exceptions=True)
 
     # ------------------------------------------------------------------ merge
-    def _set_merged(self, name: str | None, kind: str, *, protect: frozenset[str] = frozenset(),
-                    preloaded: tuple[str, LoraWeights] | None = None) -> None:
-        """Loop thread: merge `name` (None: unmerge), keeping `protect` (the running batch's adapters) resident."""
-        with self.lock:
-            if name is None:
-                self.lm.unmerge()
-            else:
-                self.tiers.add_resident(name, preloaded)
-                self.tiers.trim(protect=protect | {name} | self._busy())
-                self.lm.merge(name)
-        if self.metrics is not None:
-            self.metrics.merges.labels(kind=kind).inc()
-            self.metrics.merge_mode.set(0 if name is None else 1)
-
     async def merge(self, name: str) -> dict:
-        """Merge `name` and pin it; answers the state read right after, on the loop thread, without
-        fingerprints: a switch over HTTP costs the switch, not two hashes of every base weight."""
-        preloaded = await self._ensure_loaded(name)
-
-        def do() -> dict:
-            kind = "switch" if self.lm.merged_adapter not in (None, name) else "merge"
-            with self.lock:  # the pin changes with the weights: a state read under the lock sees both or neither
-                self._set_merged(name, kind, preloaded=preloaded)
-                self.pinned = True
-            return self._snapshot()
-
-        return await self._call(do)
+        """Merge `name` (the version it names now) and pin it; answers the state read right after, on the loop
+        thread, without fingerprints: a switch over HTTP costs the switch, not two hashes of every base weight."""
+        await self._settled()
+        self._check_running()
+        ref = await self.resolve(name)
+        preloaded = await self._ensure_loaded(ref)
+        return await self._call(lambda: self.weights.merge(ref, preloaded, self.scheduler.busy()))
 
     async def unmerge(self) -> dict:
-        def do() -> dict:
-            with self.lock:
-                self._set_merged(None, "unmerge")
-                self.pinned = False
-            return self._snapshot()
-
-        return await self._call(do)
+        await self._settled()
+        return await self._call(self.weights.unmerge)
 
     async def state(self, fingerprints: bool = True) -> dict:
         """The merge state. With `fingerprints`, sha256 of the base weights as they are now and of the pristine
         ones (hashed once, then cached: W0 never changes), computed in a worker thread; without, both are None."""
+        await self._settled()
         if not fingerprints:
-            return await self._call(self._snapshot)
+            return await self._call(self.weights.snapshot)
         # A trip through the queue first, so that every control queued before this call (the forget that a
         # DELETE or an overwrite queued) has run: the answer then reflects it, as the plain state does.
         await self._call(lambda: None)
-        return await asyncio.to_thread(self._fingerprinted_state)
+        return await asyncio.to_thread(self.weights.fingerprinted_state)
 
-    def _snapshot(self) -> dict:
-        with self.lock:
-            return {
-                "merged_adapter": self.lm.merged_adapter,
-                "pinned": self.pinned,
-                "mode": "merged" if self.lm.merged_adapter else "unmerged",
-                "merge_policy": self.policy.describe(),
-                "resident_adapters": list(self.resident),
-                "host_cached_adapters": self.host_cache.names(),
-                "host_cache_bytes": self.host_cache.nbytes,
-                "pristine_bytes": self.lm.pristine_nbytes(),
-                "merge_kernel": kernel_name(self.base.device, self.base.dtype, fused=self.lm.fused_merges),
-                "fingerprint": None,
-                "pristine_fingerprint": None,
-            }
+    async def _call(self, fn: Any) -> Any:
+        self._check_running()
+        return await self.scheduler.call(fn)
 
-    def _fingerprinted_state(self) -> dict:
-        """Worker thread, never the loop thread: the lock is held just for the state and the hashes, so the
-        weights cannot change mid-hash and the state matches them; batches wait for the hash, and a merge
-        or unmerge waits only when it arrives during one."""
-        with self.lock:
-            state = self._snapshot()
-            if self._pristine_fingerprint is None:  # under the lock: concurrent first requests hash it once
-                self._pristine_fingerprint = fingerprint(self.lm, pristine=True)
-            state.update(fingerprint=fingerprint(self.lm), pristine_fingerprint=self._pristine_fingerprint)
-        return state
+    def _check_running(self) -> None:
+        if not self.ready:  # before start or after stop, nothing would run it
+            raise EngineBusyError("the engine is not running")
 
     # ------------------------------------------------------------------ inference API
     def _check_task(self, kind: str) -> None:
@@ -254,20 +210,21 @@ class Engine(LoopThread):
             raise WrongTaskError(f"the base model {self.base.model_id!r} serves {self.base.task} requests; "
                                  f"it cannot serve {kind} requests")
 
-    async def _submit(self, kind: str, model: str, payload: Any, stream: asyncio.Queue | None = None) -> asyncio.Future:
+    async def _submit(self, kind: str, model: str, payload: Any, stream: asyncio.Queue | None = None
+                      ) -> tuple[asyncio.Future, str]:
+        """Queue one request; (its future, the system_fingerprint of the version it resolved)."""
         if not self.ready:
             raise EngineBusyError("the engine is not ready")
         self._check_task(kind)
         encoded = await asyncio.to_thread(self._encode, kind, payload)  # a long text never stalls the loop
-        adapter = None if model == "base" else model
-        preloaded = await self._ensure_loaded(adapter)
+        ref = getattr(payload, "ref", None) or await self.resolve(model)  # once: it runs with exactly this version
+        preloaded = await self._ensure_loaded(ref)
         if not self.ready:  # stopped while the adapter loaded: nothing would answer a queued item
             raise EngineBusyError("the service is shutting down")
         loop = asyncio.get_running_loop()
-        item = WorkItem(kind, adapter, payload, loop.create_future(), loop, stream, preloaded=preloaded,
-                        encoded=encoded)
-        self._queue.put(item)
-        return item.future
+        item = WorkItem(kind, ref, payload, loop.create_future(), loop, stream, preloaded=preloaded, encoded=encoded)
+        self.scheduler.put(item)
+        return item.future, system_fingerprint(ref)
 
     def _encode(self, kind: str, payload: Any) -> list[list[int]]:
         """Worker thread: token ids of the texts, or of the prompt (checked against the context)."""
@@ -281,6 +238,12 @@ class Engine(LoopThread):
         check_prompt(self.base, payload, len(ids))
         return [ids]
 
+    async def _answer(self, kind: str, model: str, payload: Any) -> Any:
+        future, fingerprint = await self._submit(kind, model, payload)
+        result = await future
+        result.system_fingerprint = fingerprint
+        return result
+
     async def embed(self, model: str, texts: list[str], *, prompt: str | None = None,
                     prompt_name: str | None = None) -> EmbedResult:
         """With the base's default prompt prepended (or `prompt`, or its prompt named `prompt_name`), as
@@ -293,40 +256,23 @@ class Engine(LoopThread):
             except EmbeddingSpecError as exc:
                 raise BadRequestError(str(exc)) from exc
             texts = [prefix + t for t in texts] if prefix else texts
-        return await (await self._submit("embed", model, texts))
+        return await self._answer("embed", model, texts)
 
     async def classify(self, model: str, texts: list[str]) -> ClassifyResult:
         if not texts:
             raise BadRequestError("input must hold at least one text")
-        return await (await self._submit("classify", model, texts))
+        return await self._answer("classify", model, texts)
 
     async def complete(self, request: CompletionRequest) -> CompletionResult:
-        return await (await self._submit("generate", request.model, request))
+        return await self._answer("generate", request.model, request)
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
         chunks: asyncio.Queue = asyncio.Queue()
-        future = await self._submit("generate", request.model, request, chunks)
+        future, fingerprint = await self._submit("generate", request.model, request, chunks)
         try:
             while (chunk := await chunks.get()) is not None:
+                chunk.system_fingerprint = fingerprint
                 yield chunk
             await future  # re-raises a failure of the batch
         finally:
             future.cancel()  # no-op when done; otherwise the consumer left, and decoding of its row stops
-
-    # ------------------------------------------------------------------ the loop thread
-    def _call_soon(self, fn: Callable[[], Any]) -> None:
-        self._queue.put(fn)
-
-    async def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the loop thread, between batches, and await its result."""
-        if not self.ready:  # before start or after stop, nothing would run it
-            raise EngineBusyError("the engine is not running")
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        item = WorkItem("control", None, fn, fut, loop)
-        self._queue.put(item)
-        return await fut
-
-    def _count(self, metric: str, tier: str) -> None:
-        if self.metrics is not None:
-            getattr(self.metrics, metric).labels(tier=tier).inc()

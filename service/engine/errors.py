@@ -40,12 +40,18 @@ class NonFiniteOutputError(EngineError):
 
 
 class AdapterChangedError(EngineError):
-    """The adapter was deleted or replaced while a request was still generating with it (HTTP 409)."""
+    """The adapter was deleted or replaced while a request was still generating with it, or before a queued
+    request ran and its version's files are gone (HTTP 409)."""
 
-    def __init__(self, adapter: str, replaced: bool) -> None:
+    def __init__(self, adapter: str, replaced: bool, version: int | None = None) -> None:
         change = "replaced by a new version" if replaced else "deleted"
-        super().__init__(f"adapter {adapter!r} was {change} while this request was generating with it; "
-                         "send the request again")
+        if version is not None:  # queued with a version whose files are gone by the time it ran
+            message = (f"adapter {adapter!r} version {version} was replaced or deleted before this request ran; "
+                       "send the request again")
+        else:
+            message = (f"adapter {adapter!r} was {change} while this request was generating with it; "
+                       "send the request again")
+        super().__init__(message)
         self.key = adapter
 
 

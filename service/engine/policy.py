@@ -1,7 +1,8 @@
 """When to serve merged, with hysteresis.
 
 S-LoRA measured that merging wins with one hot adapter and loses beyond two; dLoRA switches between
-the modes at run time. `auto` watches the adapters of the last `window` requests:
+the modes at run time. `auto` watches the adapters of the last `window` requests (by key: the engine passes
+each adapter's sha256, so a new version of a name starts with no history):
 
   * unmerged → merge X   when X's share ≥ `enter` (default 0.9) of a full window;
   * merged X → unmerge   when X's share < `leave` (default 0.6);
@@ -16,7 +17,7 @@ its adapter until an explicit unmerge, whatever the policy.
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["MergePolicy", "POLICIES"]
 
@@ -37,7 +38,7 @@ class MergePolicy:
         self.refused: set[str] = set()  # adapters a merge refused (tied or overflowing weights): never retried
 
     def forget(self, name: str) -> None:
-        """A deleted or replaced adapter: its past requests no longer count, and a new version may merge."""
+        """A deleted or replaced adapter (its key): its past requests no longer count."""
         self.recent = deque((a for a in self.recent if a != name), maxlen=self.recent.maxlen)
         self.refused.discard(name)
 
@@ -49,9 +50,9 @@ class MergePolicy:
         self.recent.extend(adapters)
         self.batches_since_change += 1
 
-    def shares(self) -> dict[str, float]:
+    def shares(self, label: Callable[[str], str] = str) -> dict[str, float]:
         n = len(self.recent) or 1
-        return {("base" if k is None else k): v / n for k, v in Counter(self.recent).most_common(5)}
+        return {("base" if k is None else label(k)): v / n for k, v in Counter(self.recent).most_common(5)}
 
     def decide(self, merged: str | None, pinned: bool) -> tuple[bool, str | None]:
         """(change?, adapter to merge or None to unmerge) for the auto policy."""
@@ -78,7 +79,9 @@ class MergePolicy:
         self.switches += 1
         return True, target
 
-    def describe(self) -> dict:
+    def describe(self, label: Callable[[str], str] = str) -> dict:
+        """`label` names an adapter key for people (the engine keys adapters by sha256: identity.py)."""
         return {"policy": self.mode, "enter_share": self.enter, "leave_share": self.leave,
-                "min_dwell_batches": self.min_dwell, "window": self.recent.maxlen, "recent_shares": self.shares(),
-                "auto_switches": self.switches, "refused": sorted(self.refused)}
+                "min_dwell_batches": self.min_dwell, "window": self.recent.maxlen,
+                "recent_shares": self.shares(label), "auto_switches": self.switches,
+                "refused": sorted(label(k) for k in self.refused)}

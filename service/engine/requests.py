@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.engine.identity import BASE_FINGERPRINT, AdapterRef
+
 __all__ = ["CompletionRequest", "CompletionChoice", "CompletionResult", "CompletionChunk", "EmbedResult",
            "ClassifyResult", "WorkItem"]
 
@@ -28,6 +30,7 @@ class CompletionRequest:
     stream: bool = False
     messages: list[dict[str, str]] | None = None  # chat: rendered by the tokenizer's chat template, not `prompt`
     origin: str | None = None  # the call it belongs to (one HTTP request may carry many prompts): fair turns
+    ref: AdapterRef | None = None  # resolved already (engine.resolve): the prompts of one call share one version
 
 
 @dataclass
@@ -45,6 +48,7 @@ class CompletionResult:
     choice: CompletionChoice
     prompt_tokens: int
     completion_tokens: int
+    system_fingerprint: str = BASE_FINGERPRINT  # which weights answered (identity.system_fingerprint)
 
 
 @dataclass
@@ -56,32 +60,45 @@ class CompletionChunk:
     text_offsets: list[int] = field(default_factory=list)  # where each token starts in the completion
     top_logprobs: list[dict[str, float]] | None = None  # theirs, when logprobs were asked for
     usage: tuple[int, int] | None = None  # (prompt, completion) tokens, on the final chunk
+    system_fingerprint: str = BASE_FINGERPRINT
 
 
 @dataclass
 class EmbedResult:
     embeddings: list[list[float]]
     prompt_tokens: int
+    system_fingerprint: str = BASE_FINGERPRINT
 
 
 @dataclass
 class ClassifyResult:
     results: list[list[dict[str, Any]]]  # per input: [{"label", "score"}], best first
     prompt_tokens: int
+    system_fingerprint: str = BASE_FINGERPRINT
 
 
 @dataclass
 class WorkItem:
     kind: str  # "embed" | "classify" | "generate"
-    adapter: str | None  # None = the base
+    ref: AdapterRef | None  # the adapter version resolved at submit; None = the base
     payload: Any  # list[str] of texts, or a CompletionRequest
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     stream_queue: asyncio.Queue | None = None  # generation with stream=True
     enqueued_at: float = field(default_factory=time.perf_counter)
-    # (sha256, weights) of the adapter as read off the loop thread, in case the host tier dropped it since
-    preloaded: tuple[str, Any] | None = None
+    # the adapter's validated weights (exactly ref.sha256's) as read off the loop thread, when it was not resident
+    preloaded: Any = None
     encoded: list[list[int]] | None = None  # token ids of each text (or of the prompt), made off the loop thread
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter's name, for messages and for engine.forget(name); None for the base."""
+        return None if self.ref is None else self.ref.name
+
+    @property
+    def key(self) -> str | None:
+        """The adapter's key in LoraModel and every cache (its sha256); None for the base."""
+        return None if self.ref is None else self.ref.key
 
     @property
     def abandoned(self) -> bool:

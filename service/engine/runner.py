@@ -1,8 +1,10 @@
 """One batched forward for embed and classify requests, whatever mix of adapters they name.
 
-Rows are routed per adapter through `LoraModel.route` (one gather + two bmm per LoRA layer); when every
+Rows are routed per adapter key (the sha256 the request resolved, identity.py) through `LoraModel.route`
+(one gather + two bmm per LoRA layer); when every
 row names the same adapter the plain single-adapter path is used, and if that adapter is merged it
-costs nothing at all. Called only from the engine's loop thread, under the engine lock.
+costs nothing at all. Called only from the Scheduler's loop thread, under the
+WeightOwner's lock.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ __all__ = ["routing", "collate", "embed_rows", "classify_rows", "check_classify"
 
 
 def routing(lm: LoraModel, names: list[str | None]):
-    """A context that makes row i use names[i]."""
+    """A context that makes row i use names[i] (adapter keys in `lm`: sha256s in the engine)."""
     unique = set(names)
     if len(unique) == 1:
         lm.set_adapter(next(iter(unique)))
@@ -60,12 +62,13 @@ def embed_rows(lm: LoraModel, base: LoadedBase, ids: list[list[int]], names: lis
     return emb.cpu().tolist(), enc["attention_mask"].sum(1).tolist()
 
 
-def check_classify(lm: LoraModel, base: LoadedBase, adapter: str | None) -> None:
+def check_classify(lm: LoraModel, base: LoadedBase, key: str | None, adapter: str | None = None) -> None:
     """On a bare encoder only adapters that carry a classifier head can classify; refuse the others
-    before batching, so such a request fails alone."""
+    before batching, so such a request fails alone. `key`: the adapter's key in `lm`; `adapter`: its name."""
     if base.task == "classify":
         return
-    head = lm.detached.get(adapter or "", {})
+    head = lm.detached.get(key or "", {})
+    adapter = adapter or key
     others = sorted(k for k in head if k not in ("classifier.weight", "classifier.bias"))
     if adapter is None:
         raise BadRequestError("the base model is not a classifier: name an adapter that carries a classifier head "

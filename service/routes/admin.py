@@ -24,7 +24,7 @@ async def get_state(engine: EngineDep, store: StoreDep, fingerprints: Fingerprin
     """With `?fingerprints=true`, `fingerprint` is a sha256 over every base weight a merge can change, computed
     now, and `pristine_fingerprint` the same over the pristine weights (computed once, then cached); they are
     equal when nothing is merged. Without it both are null, and the answer costs no hashing. Inference waits
-    only for the hash itself (it runs in a worker thread, under the engine's lock). `store` says where the
+    only for the hash itself (it runs in a worker thread, under the WeightOwner's lock). `store` says where the
     adapters live (URLs without passwords) and, with a shared index, how the name cache does."""
     return StateResponse(**await engine.state(fingerprints=fingerprints), store=store.describe())
 

@@ -43,7 +43,10 @@ async def chat_completions(body: ChatCompletionRequest, engine: EngineDep
                                seed=body.seed, stop=body.stops(), logprobs=body.logprobs_wanted(), stream=body.stream)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
-        opening = _event(meta, {"role": "assistant", "content": ""})
+        def opening(first: CompletionChunk) -> str:  # the version that answers is known once the request resolved
+            meta["system_fingerprint"] = first.system_fingerprint
+            return _event(meta, {"role": "assistant", "content": ""})
+
         return await stream_response(engine, request, lambda chunk: _events(chunk, meta, body.include_usage()),
                                      opening)
     result: CompletionResult = await engine.complete(request)
@@ -52,7 +55,8 @@ async def chat_completions(body: ChatCompletionRequest, engine: EngineDep
     choice = ChatChoice(index=0, message=ChatResponseMessage(content=c.text), logprobs=logprobs,
                         finish_reason=c.finish_reason)
     return ChatCompletionResponse(**meta, choices=[choice], usage=Usage.of(result.prompt_tokens,
-                                                                           result.completion_tokens))
+                                                                           result.completion_tokens),
+                                  system_fingerprint=result.system_fingerprint)
 
 
 def _logprobs(tokens: list[str], logprobs: list[float], tops: list[dict[str, float]] | None) -> ChatLogprobs:

@@ -5,6 +5,9 @@
     POST /v1/classify      classifiers, or an encoder adapter carrying a classifier head
     GET  /v1/models        the base and every stored adapter
     GET  /v1/models/{id}   one of them (404 for an unknown id)
+
+Every inference answer carries `system_fingerprint` (OpenAI's field): which weights answered, as
+"<adapter>@v<version>:<sha256[:12]>" for the version the request resolved when it arrived, or "base".
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ def _texts(value: str | list[str]) -> list[str]:
 async def completions(body: CompletionRequest, engine: EngineDep) -> CompletionResponse | StreamingResponse:
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
+    ref = await engine.resolve(body.model)  # once: every prompt of this call runs on the same version
     requests = [EngineCompletion(model=body.model, prompt=p, max_tokens=body.max_tokens, temperature=body.temperature,
                                  top_p=body.top_p, seed=body.seed, stop=body.stops(),
-                                 logprobs=body.logprobs, stream=body.stream, origin=meta["id"])
+                                 logprobs=body.logprobs, stream=body.stream, origin=meta["id"], ref=ref)
                 for p in _texts(body.prompt)]
     if body.stream:
         if len(requests) != 1:
@@ -70,7 +74,7 @@ async def completions(body: CompletionRequest, engine: EngineDep) -> CompletionR
     results: list[CompletionResult] = await asyncio.gather(*(engine.complete(r) for r in requests))
     choices = [_choice(i, r) for i, r in enumerate(results)]
     usage = Usage.of(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))
-    return CompletionResponse(**meta, choices=choices, usage=usage)
+    return CompletionResponse(**meta, choices=choices, usage=usage, system_fingerprint=results[0].system_fingerprint)
 
 
 def _choice(index: int, result: CompletionResult) -> CompletionChoice:
@@ -89,6 +93,7 @@ def _event(chunk: CompletionChunk, meta: dict, include_usage: bool) -> str:
         logprobs = {"tokens": chunk.tokens, "token_logprobs": chunk.token_logprobs,
                     "top_logprobs": chunk.top_logprobs, "text_offset": chunk.text_offsets}
     choice = {"text": chunk.text, "index": 0, "logprobs": logprobs, "finish_reason": chunk.finish_reason}
+    meta = {**meta, "system_fingerprint": chunk.system_fingerprint}
     return data({**meta, "choices": [choice]}) + (usage_event(meta, chunk) if include_usage else "")
 
 
@@ -101,7 +106,7 @@ async def embeddings(body: EmbeddingRequest, engine: EngineDep, base: BaseDep) -
     result = await engine.embed(body.model, _texts(body.input), prompt=body.prompt, prompt_name=body.prompt_name)
     data = [Embedding(index=i, embedding=_encode(e, body.encoding_format)) for i, e in enumerate(result.embeddings)]
     usage = Usage.of(result.prompt_tokens)
-    return EmbeddingResponse(data=data, model=body.model, usage=usage)
+    return EmbeddingResponse(data=data, model=body.model, usage=usage, system_fingerprint=result.system_fingerprint)
 
 
 def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
@@ -116,7 +121,7 @@ async def classify(body: ClassifyRequest, engine: EngineDep) -> ClassifyResponse
     data = [Classification(index=i, label=ranked[0]["label"], score=ranked[0]["score"],
                            scores=[LabelScore(**s) for s in ranked]) for i, ranked in enumerate(result.results)]
     usage = Usage.of(result.prompt_tokens)
-    return ClassifyResponse(data=data, model=body.model, usage=usage)
+    return ClassifyResponse(data=data, model=body.model, usage=usage, system_fingerprint=result.system_fingerprint)
 
 
 @router.get("/models", response_model=ModelList, summary="The base model and every adapter (OpenAI-style)")

@@ -36,7 +36,8 @@ def usage_event(meta: dict[str, Any], chunk: CompletionChunk) -> str:
 
 
 async def stream_response(engine: Engine, request: EngineCompletion, render: Render,
-                          opening: str = "") -> StreamingResponse:
+                          opening: Render | None = None) -> StreamingResponse:
+    """`opening(first chunk)`: an event to send before the first chunk's own (chat's assistant role)."""
     chunks = engine.stream(request)
     first = await anext(chunks)
     return StreamingResponse(_events(first, chunks, render, opening), media_type="text/event-stream",
@@ -44,10 +45,10 @@ async def stream_response(engine: Engine, request: EngineCompletion, render: Ren
 
 
 async def _events(first: CompletionChunk, rest: AsyncIterator[CompletionChunk], render: Render,
-                  opening: str) -> AsyncIterator[str]:
+                  opening: Render | None) -> AsyncIterator[str]:
     try:
-        if opening:
-            yield opening
+        if opening is not None:
+            yield opening(first)
         yield render(first)
         async for chunk in rest:
             yield render(chunk)

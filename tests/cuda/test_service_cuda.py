@@ -75,7 +75,7 @@ def _adapter_device_bytes(engine: Engine, device: str, baseline: int) -> int:
         sync(device)
         return torch.cuda.memory_allocated(device) - baseline
     total = 0
-    for layer in engine.lm.lora_layers().values():
+    for layer in engine.weights.lm.lora_layers().values():
         total += sum(t.numel() * t.element_size() for pair in layer._ab.values() for t in pair)
         if layer._stack_cache is not None:
             total += sum(t.numel() * t.element_size() for t in layer._stack_cache[1:])
@@ -83,7 +83,7 @@ def _adapter_device_bytes(engine: Engine, device: str, baseline: int) -> int:
 
 
 def _drop_tables(engine: Engine) -> None:
-    for layer in engine.lm.lora_layers().values():
+    for layer in engine.weights.lm.lora_layers().values():
         layer.mark_merged(layer.merged_adapter)  # clears the stacked tables; rebuilt at the next mixed forward
 
 
@@ -101,27 +101,27 @@ def test_device_cache_bound_in_bytes(device: str) -> None:
         await engine.start()
         try:
             await engine.complete(CompletionRequest(model="base", prompt="the adapter", max_tokens=2))
-            with engine.lock:  # the loop thread frees the finished decode's cache before it lets go of the lock
+            with engine.weights.lock:  # the loop thread frees the finished decode's cache before it lets go of the lock
                 baseline = _adapter_device_bytes(engine, device, 0) if device.startswith("cuda") else 0
             accounted, params_only, with_tables = [], [], []
             for name in items:
                 await engine.complete(CompletionRequest(model=name, prompt="the adapter", max_tokens=2))
-                with engine.lock:
-                    accounted.append(sum(b for _, b in engine.resident.values()))
+                with engine.weights.lock:
+                    accounted.append(sum(b for _, b in engine.weights.tiers.resident.values()))
                     with_tables.append(_adapter_device_bytes(engine, device, baseline))
                     _drop_tables(engine)
                     params_only.append(_adapter_device_bytes(engine, device, baseline))
             for name in items:
                 engine.forget(name)
             await engine.complete(CompletionRequest(model="base", prompt="the adapter", max_tokens=2))
-            with engine.lock:
+            with engine.weights.lock:
                 left = _adapter_device_bytes(engine, device, baseline)
             return accounted, params_only, with_tables, left
         finally:
             await engine.stop()
 
     accounted, params_only, with_tables, left = asyncio.run(run())
-    assert max(accounted) <= bound and len(engine.resident) <= 2
+    assert max(accounted) <= bound and len(engine.weights.tiers.resident) <= 2
     # The adapters' own A and B on the device stay within the bound, as the allocator sees it.
     assert max(params_only) <= bound, (params_only, bound)
     # The stacked tables of a mixed forward (one slot per resident adapter, plus the base's empty slot) are a second,

@@ -45,7 +45,7 @@ def test_state_when_nothing_is_merged(bert_client: TestClient):
 def test_merge_unmerge_and_plain_state_answer_without_hashing(bert_client: TestClient, unique: str, monkeypatch):
     """A switch over HTTP costs the switch: its answer carries null fingerprints, and nothing is hashed
     until a client asks with ?fingerprints=true."""
-    import service.engine.engine as engine_module
+    import service.engine.weights as engine_module
 
     calls: list[bool] = []
     real = engine_module.fingerprint

@@ -148,3 +148,13 @@ def test_a_broken_chat_template_is_the_servers_500_not_the_clients_400(chat_clie
         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     r = chat_client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES[1:]})
     assert r.status_code == 400 and "a system message must come first" in r.json()["error"]["message"]
+
+
+def test_a_chat_names_the_version_that_answered(chat_client: TestClient):
+    sha = chat_client.get("/v1/adapters/chat-a").json()["sha256"]
+    fingerprint = _chat(chat_client)["system_fingerprint"]
+    assert fingerprint.startswith("chat-a@v") and fingerprint.endswith(f":{sha[:12]}")
+    body = {"model": "base", "messages": MESSAGES, "max_tokens": 2, "stream": True}
+    with chat_client.stream("POST", "/v1/chat/completions", json=body) as r:
+        events = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line and "[DONE]" not in line]
+    assert events and all(e["system_fingerprint"] == "base" for e in events)

@@ -303,11 +303,12 @@ def test_non_finite_outputs_are_a_clear_error_for_their_own_request_only(bert_cl
     import service.engine.batch as batch_module
 
     _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=8))
+    key = bert_client.get(f"/v1/adapters/{unique}").json()["sha256"]  # rows are routed by the adapter's sha256
     embed_rows = batch_module.embed_rows
 
     def poisoned(lm, base, texts, names):
         rows, tokens = embed_rows(lm, base, texts, names)
-        return [[float("nan")] * len(r) if n == unique else r for r, n in zip(rows, names, strict=True)], tokens
+        return [[float("nan")] * len(r) if n == key else r for r, n in zip(rows, names, strict=True)], tokens
 
     original = batch_module.embed_rows
     batch_module.embed_rows = poisoned
@@ -319,3 +320,33 @@ def test_non_finite_outputs_are_a_clear_error_for_their_own_request_only(bert_cl
         batch_module.embed_rows = original
     assert bad.status_code == 422 and "non-finite" in bad.json()["error"]["message"]
     assert good.status_code == 200 and None not in good.json()["data"][0]["embedding"]
+
+
+# ---------------------------------------------------------------------------------------------- system_fingerprint
+def test_every_answer_names_the_version_that_answered(bert_client: TestClient, unique: str):
+    """OpenAI's system_fingerprint: "<adapter>@v<version>:<sha256[:12]>", or "base"; an overwrite is the next one."""
+    _upload(bert_client, unique, make_adapter(BERT_TARGETS, seed=9041))  # bytes no other test uploads
+    v1 = bert_client.get(f"/v1/adapters/{unique}").json()
+    first = bert_client.post("/v1/embeddings", json={"model": unique, "input": "hi"}).json()
+    assert first["system_fingerprint"] == f"{unique}@v1:{v1['sha256'][:12]}"
+    r = bert_client.put(f"/v1/adapters/{unique}?overwrite=true",
+                        files=peft_files(make_adapter(BERT_TARGETS, seed=9042)))
+    assert r.status_code == 201
+    second = bert_client.post("/v1/embeddings", json={"model": unique, "input": "hi"}).json()
+    assert second["system_fingerprint"] == f"{unique}@v2:{r.json()['sha256'][:12]}"
+    assert second["data"][0]["embedding"] != first["data"][0]["embedding"]
+    assert bert_client.post("/v1/embeddings", json={"model": "base", "input": "hi"}).json()["system_fingerprint"] \
+        == "base"
+    state = bert_client.get("/v1/state").json()
+    assert {"name": unique, "version": 2, "sha256": r.json()["sha256"]} in state["resident"]
+    assert state["resident_adapters"].count(unique) == 1
+
+
+def test_completions_name_their_version_plain_and_streamed(gpt2_client: TestClient, gpt2_adapter: str):
+    sha = gpt2_client.get(f"/v1/adapters/{gpt2_adapter}").json()["sha256"]
+    expected = f"{gpt2_adapter}@v1:{sha[:12]}"
+    assert _complete(gpt2_client, model=gpt2_adapter, prompt=["hello", "world"])["system_fingerprint"] == expected
+    body = {"model": gpt2_adapter, "prompt": "hello", "max_tokens": 3, "stream": True}
+    with gpt2_client.stream("POST", "/v1/completions", json=body) as r:
+        events = [json.loads(line.removeprefix("data: ")) for line in r.iter_lines() if line and "[DONE]" not in line]
+    assert events and all(e["system_fingerprint"] == expected for e in events)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import adapters as A
+from service.engine.config import EngineConfig
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -63,29 +64,37 @@ def random_adapter(model: torch.nn.Module, targets: list[str], seed: int, rank: 
 
 
 class DictStore:
-    """The two store calls the engine makes, over a dict."""
+    """The two store calls the engine makes (resolve, load_weights by record), over a dict. Like the real store,
+    an overwrite is a new version and sha256, and a record still reads its own version's weights afterwards."""
 
     def __init__(self) -> None:
         self.items: dict[str, A.LoraWeights] = {}
+        self._versions: dict[str, tuple[int, int]] = {}  # name -> (version, id of its weights)
+        self._blobs: dict[str, A.LoraWeights] = {}  # sha256 -> weights, every version seen
 
-    def get(self, name: str):
+    def resolve(self, name: str):
         if name not in self.items:
             raise KeyError(name)
-        return SimpleNamespace(name=name, sha256=f"{name}-{id(self.items[name])}", version=1)
+        weights = self.items[name]
+        version, seen = self._versions.get(name, (0, None))
+        if seen != id(weights):
+            version += 1
+            self._versions[name] = (version, id(weights))
+        sha = f"{name}-{id(weights)}"
+        self._blobs[sha] = weights
+        return SimpleNamespace(name=name, sha256=sha, version=version)
 
-    def load_weights(self, record) -> A.LoraWeights:
-        """By the record the engine resolved (as AdapterStore reads by its sha256): that version or nothing."""
-        weights = self.items.get(record.name)
-        if weights is None or f"{record.name}-{id(weights)}" != record.sha256:
-            raise KeyError(f"{record.name} version {record.sha256} is gone")
-        return weights
+    get = resolve
+
+    def load_weights(self, ref) -> A.LoraWeights:
+        return self.items[ref] if isinstance(ref, str) else self._blobs[ref.sha256]
 
 
-def settings(**overrides) -> SimpleNamespace:
+def settings(**overrides) -> EngineConfig:
     base = dict(max_rank=64, host_cache_bytes=1 << 26, merge_policy="never", merge_kernel="auto",
                 device_cache_adapters=16, device_cache_bytes=1 << 26, max_batch_size=32, max_wait_ms=20)
     base.update(overrides)
-    return SimpleNamespace(**base)
+    return EngineConfig(**base)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.engine import AdapterChangedError, CompletionRequest
-from service.engine import loop as loop_module
+from service.engine import scheduler as loop_module
 from service.engine.budget import SMALL_WIDTH, RowQueue, plan
 from service.engine.requests import EmbedResult
 from service.settings import Settings
@@ -215,7 +215,7 @@ def test_a_short_request_finishes_before_a_long_request_queued_before_it(bert_di
             await asyncio.sleep(0.005)
         short = asyncio.ensure_future(engine.embed("base", ["hello"]))
         short.add_done_callback(lambda _: finished.append("short"))
-        while engine._queue.empty():  # queued behind the forward in flight
+        while engine.scheduler.queue.empty():  # queued behind the forward in flight
             await asyncio.sleep(0.005)
         short_queued.set()
         results = await asyncio.gather(short, long)
@@ -242,7 +242,7 @@ def test_a_request_whose_adapter_is_replaced_between_its_forwards_fails(bert_dir
         await engine.start()
         await engine.embed("a0", ["warm"])
         pending = asyncio.ensure_future(engine.embed("a0", [_text(60, seed=i) for i in range(4)]))
-        while engine._queue.qsize() or not engine._rows:
+        while engine.scheduler.queue.qsize() or not engine.scheduler.rows:
             await asyncio.sleep(0.005)
         engine.forget("a0", replaced=True)  # as PUT ?overwrite=true does
         replaced.set()
@@ -292,7 +292,7 @@ def test_prefill_in_budget_groups_gives_the_same_tokens(gpt2_dir, monkeypatch):
     requests = [dict(model=m, prompt=p, max_tokens=6, temperature=0, logprobs=1)
                 for m, p in zip(["a0", "base", "a1", "a0", "a2", "base"], prompts, strict=True)]
     groups: list[list[int]] = []
-    join = engine.decoder.join
+    join = engine.scheduler.decoder.join
 
     def recording_join(items):
         groups.append([len(it.encoded[0]) for it in items])
@@ -301,11 +301,11 @@ def test_prefill_in_budget_groups_gives_the_same_tokens(gpt2_dir, monkeypatch):
     async def main():
         await engine.start()
         alone = [await engine.complete(CompletionRequest(**r)) for r in requests]
-        engine.decoder.join = recording_join
+        engine.scheduler.decoder.join = recording_join
         hold = threading.Event()
-        engine._call_soon(lambda: hold.wait(30))  # the loop waits until all six are queued: one group of six
+        engine.scheduler.call_soon(lambda: hold.wait(30))  # the loop waits until all six are queued: one group of six
         together = asyncio.gather(*[engine.complete(CompletionRequest(**r)) for r in requests])
-        while engine._queue.qsize() < len(requests):
+        while engine.scheduler.queue.qsize() < len(requests):
             await asyncio.sleep(0.005)
         hold.set()
         together = await together

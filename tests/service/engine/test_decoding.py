@@ -120,7 +120,7 @@ def test_deleting_an_adapter_fails_its_running_rows_only(gpt2_dir):
             await doomed
         result = await other
         await engine.stop()
-        return solo, result, list(engine.resident)
+        return solo, result, [ref.name for ref, _ in engine.weights.tiers.resident.values()]
 
     solo, result, resident = asyncio.run(main())
     _same(result, solo)
@@ -138,7 +138,7 @@ def test_running_rows_keep_their_adapters_resident_beyond_the_bound(gpt2_dir):
         joined = await engine.complete(_req(**short))  # a0 comes in while a1's row runs: a1 must stay
         text, tokens = await long
         await asyncio.sleep(0.05)
-        resident = list(engine.resident)
+        resident = [ref.name for ref, _ in engine.weights.tiers.resident.values()]
         await engine.stop()
         return solo_long, solo_short, joined, text, tokens, resident
 
@@ -186,16 +186,16 @@ def test_the_running_decode_never_holds_more_than_max_batch_size_rows(gpt2_dir):
     requests = [dict(model=m, prompt=p, max_tokens=n, temperature=0, logprobs=1)
                 for m, p, n in (("a0", "hello", 12), ("a1", "the quick", 20), ("a2", "fox", 6), ("base", "hi", 9))]
     widths = []
-    step = engine.decoder.step
+    step = engine.scheduler.decoder.step
 
     def counting_step():
-        widths.append(engine.decoder.running())
+        widths.append(engine.scheduler.decoder.running())
         step()
 
     async def main():
         await engine.start()
         alone = [await engine.complete(_req(**r)) for r in requests]
-        engine.decoder.step = counting_step
+        engine.scheduler.decoder.step = counting_step
         together = await asyncio.gather(*[engine.complete(_req(**r)) for r in requests])
         await engine.stop()
         return alone, together
@@ -213,10 +213,10 @@ def test_a_decode_kept_busy_by_overlapping_requests_never_outgrows_its_longest_r
     requests = [dict(model=f"a{i % 4}", prompt=["hi", "hello world"][i % 2], max_tokens=50, temperature=0)
                 for i in range(5)]
     widths = []
-    step = engine.decoder.step
+    step = engine.scheduler.decoder.step
 
     def measuring_step():
-        widths.append(engine.decoder._mask.shape[1])
+        widths.append(engine.scheduler.decoder._mask.shape[1])
         step()
 
     async def chained():
@@ -239,7 +239,7 @@ def test_a_decode_kept_busy_by_overlapping_requests_never_outgrows_its_longest_r
     async def main():
         await engine.start()
         alone = [(await engine.complete(_req(**r))).choice.tokens for r in requests]
-        engine.decoder.step = measuring_step
+        engine.scheduler.decoder.step = measuring_step
         together = await chained()
         await engine.stop()
         return alone, together
@@ -260,7 +260,7 @@ def test_only_a_plain_dynamic_cache_is_spliced(gpt2_dir):
 
     engine = make_engine(gpt2_dir)
     ids = torch.tensor([[1, 2, 3]])
-    with torch.inference_mode(), routing(engine.lm, [None]):
+    with torch.inference_mode(), routing(engine.weights.lm, [None]):
         cache = engine.base.model(input_ids=ids, use_cache=True).past_key_values
     assert _kv_layers(cache) is not None and len(_kv_layers(cache)) == 2
 
@@ -286,10 +286,10 @@ def test_a_call_with_many_prompts_does_not_hold_back_a_later_one(gpt2_dir):
         await engine.complete(_req(model="a0", prompt="hello", max_tokens=1))  # adapter resident, warm
         big = [asyncio.ensure_future(one(f"big{i}", max_tokens=40, origin="big")) for i in range(6)]
         for _ in range(500):  # until two big prompts decode and four wait: "small" comes strictly after them
-            if len(engine._waiting) == 4:
+            if len(engine.scheduler.waiting) == 4:
                 break
             await asyncio.sleep(0.002)
-        assert len(engine._waiting) == 4
+        assert len(engine.scheduler.waiting) == 4
         small = asyncio.ensure_future(one("small", max_tokens=40, origin="small"))
         await asyncio.gather(*big, small)
         await engine.stop()

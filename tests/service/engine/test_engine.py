@@ -126,7 +126,7 @@ def test_auto_policy_merges_a_hot_adapter_and_unmerges_when_traffic_mixes(bert_d
 def test_device_and_host_tiers_evict_by_their_bounds(bert_dir):
     engine = make_engine(bert_dir, n_adapters=6, device_cache_adapters=2)
     one = engine.store.items["a0"].nbytes()
-    engine.host_cache.max_bytes = int(2.5 * one)
+    engine.weights.host.max_bytes = int(2.5 * one)
 
     async def main():
         await engine.start()
@@ -291,12 +291,12 @@ def test_requests_queued_behind_a_stop_are_answered_not_left_hanging(bert_dir):
         await engine.start()
         await engine.embed("a0", ["warm"])
         hold = threading.Event()
-        engine._call_soon(hold.wait)  # keep the loop busy, so the stop and a request queue up behind it
+        engine.scheduler.call_soon(hold.wait)  # keep the loop busy, so the stop and a request queue up behind it
         stopping = asyncio.ensure_future(engine.stop())
         await asyncio.sleep(0.05)
         loop = asyncio.get_running_loop()
         item = WorkItem("embed", "a0", ["late"], loop.create_future(), loop)
-        engine._queue.put(item)  # a request that raced the stop
+        engine.scheduler.queue.put(item)  # a request that raced the stop
         hold.set()
         await stopping
         return await asyncio.wait_for(asyncio.gather(item.future, return_exceptions=True), 5)
@@ -330,10 +330,10 @@ def test_a_policy_merge_that_fails_to_load_does_not_fail_the_batch(bert_dir):
         await engine.start()
         for _ in range(9):
             await engine.embed("a0", ["hot"])
-        await engine._call(lambda: engine.tiers.remove("a0"))  # a0 must be read again for the merge...
-        engine.host_cache.pop("a0")
-        engine.store.load_weights = lambda name: (_ for _ in ()).throw(OSError("disk error")) if name == "a0" \
-            else load(name)  # ...and the disk fails
+        await engine.scheduler.call(lambda: engine.weights.evict("a0"))  # a0 must be read again for the merge...
+        engine.weights.host.pop("a0")
+        engine.store.load_weights = lambda ref: (_ for _ in ()).throw(OSError("disk error")) if ref.name == "a0" \
+            else load(ref)  # ...and the disk fails
         result = await engine.embed("a1", ["unrelated"])
         await engine.stop()
         return result

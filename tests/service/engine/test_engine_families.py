@@ -107,10 +107,10 @@ def _watch_joins(engine: Engine, newcomers: int) -> list[bool]:
     def watched(*args, **kwargs):
         ids = kwargs["input_ids"]  # (B, T)
         if ids.shape[1] > 1:  # a prefill: does it join running rows?
-            joined.append(engine.decoder.running() > 0)
+            joined.append(engine.scheduler.decoder.running() > 0)
         elif len(joined) == 1:  # the first step of the first request alone
             deadline = time.monotonic() + 10
-            while engine._queue.qsize() < newcomers and time.monotonic() < deadline:
+            while engine.scheduler.queue.qsize() < newcomers and time.monotonic() < deadline:
                 time.sleep(0.001)
             joined.append(False)  # only once
         return forward(*args, **kwargs)

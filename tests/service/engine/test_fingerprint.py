@@ -10,7 +10,7 @@ import threading
 import pytest
 from torch import nn
 
-import service.engine.engine as engine_module
+import service.engine.weights as engine_module
 from adapters.layer import conv1d_type
 from service.engine import Engine, load_base_model
 from tests.service.engine.conftest import DictStore, random_adapter, settings
@@ -47,9 +47,9 @@ class Spy:
         free: list[bool] = []
 
         def probe() -> None:
-            free.append(self.engine.lock.acquire(blocking=False))
+            free.append(self.engine.weights.lock.acquire(blocking=False))
             if free[0]:
-                self.engine.lock.release()
+                self.engine.weights.lock.release()
 
         t = threading.Thread(target=probe)
         t.start()
@@ -87,7 +87,7 @@ def test_hashing_runs_in_a_worker_thread_holding_the_engine_lock(bert_dir, monke
         await engine.start()
         await engine.merge("a0")
         state = await engine.state(fingerprints=True)
-        threads = engine._thread, threading.current_thread()  # the loop thread, the event loop's
+        threads = engine.scheduler.thread, threading.current_thread()  # the loop thread, the event loop's
         await engine.stop()
         return state, threads
 

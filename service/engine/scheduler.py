@@ -1,87 +1,129 @@
-"""The engine's loop thread: the only code that runs forwards and changes weights, always under the lock.
+"""`Scheduler`: the loop thread. It decides what runs when; the weights it runs on belong to WeightOwner.
 
+    Engine (engine.py) ──put / call──► Scheduler (this file) ──residency, policy, merges──► WeightOwner
+                                          │                      (weights.py: the only writer of weights)
     queue ──► gather ≤ max_batch_size items, waiting ≤ max_wait_ms (not at all while work is in hand)
           ├─ controls first: evictions after a DELETE or overwrite, merges
           ├─ embed / classify: the requests' rows join the pending rows (budget.py)
           ├─ generate: the group's adapters resident (LRU), the merge policy, then the rows join the running
-          │     decode (up to max_batch_size; the rest wait), prefilled in groups of ≤ max_batch_tokens
+          │     decode (up to max_batch_size; the rest wait, taking turns by call), prefilled in groups of
+          │     ≤ max_batch_tokens
           ├─ one forward of pending rows, ≤ max_batch_tokens padded tokens, any adapter mix: its adapters
           │     resident, the merge policy, run_batch
           └─ one decoding step for the running generation rows
 
-Between two forwards the loop takes whatever was queued meanwhile, so a short request never waits for all
-of a long one: only for the forward in flight.
-
-`LoopThread` is the loop-thread half of `Engine` (engine.py), which sets the state used here and keeps
-the public, event-loop-side API.
+Every forward runs under the WeightOwner's lock, and every weight change is a WeightOwner call made from this
+thread, so a forward never sees half-merged weights. Between two forwards the loop takes whatever was queued
+meanwhile, so a short request never waits for all of a long one: only for the forward in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from adapters import LoraModel, LoraWeights, MergeError
 from service.base_model import LoadedBase
 from service.engine.batch import admissible, run_batch
 from service.engine.budget import RowQueue, default_budget, plan
-from service.engine.errors import request_error
+from service.engine.config import EngineConfig
+from service.engine.decoding import Decoder
+from service.engine.errors import AdapterChangedError, EngineBusyError, request_error
 from service.engine.requests import WorkItem
+from service.engine.weights import WeightOwner
 
-if TYPE_CHECKING:
-    from collections import OrderedDict
+__all__ = ["Scheduler"]
 
-    from service.engine.decoding import Decoder
-    from service.engine.policy import MergePolicy
-    from service.engine.tiers import AdapterTiers
-
-__all__ = ["STOP", "LoopThread"]
-
-STOP = object()  # queued by Engine.stop: finish the running decode, then end the thread
+_STOP = object()  # queued by stop(): finish the running decode and the pending rows, then end the thread
 log = logging.getLogger(__name__)
 
 
-class LoopThread:
-    """Every method here runs on the loop thread."""
+class Scheduler:
+    """Methods whose names start with `_` run on the loop thread; the others are called from the event loop."""
 
-    lm: LoraModel
-    base: LoadedBase
-    settings: Any
-    metrics: Any
-    lock: threading.RLock
-    tiers: AdapterTiers
-    resident: OrderedDict[str, tuple[str, int]]
-    policy: MergePolicy
-    pinned: bool
-    decoder: Decoder | None
-    _queue: queue.Queue
-    _waiting: list[WorkItem]
-    _rows: RowQueue  # the pending rows of embed and classify requests
-    _splices = True  # whether this model's KV cache could be spliced at the last join (see _join)
+    def __init__(self, base: LoadedBase, config: EngineConfig, weights: WeightOwner, metrics: Any = None) -> None:
+        self.base, self.config, self.weights, self.metrics = base, config, weights, metrics
+        self.max_batch_tokens = config.max_batch_tokens or default_budget(base.device)
+        self.queue: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.decoder = Decoder(weights.lm, base) if base.task == "generate" else None
+        self.waiting: list[WorkItem] = []  # generation requests that cannot join the running decode
+        self.rows = RowQueue(key=self._forward_key)  # embed/classify rows waiting for a forward (budget.py)
+        self._splices = True  # whether this model's KV cache could be spliced at the last join (see _join)
 
-    _set_merged: Callable[..., None]  # Engine's: merge (or unmerge) under the lock, protecting the given adapters
+    # ------------------------------------------------------------------ event-loop side
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="lora-engine", daemon=True)
+        self.thread.start()
+
+    async def stop(self) -> None:
+        """Finish what runs, then answer whatever is still queued with 503 rather than leave it hanging."""
+        if self.thread is not None:
+            self.queue.put(_STOP)
+            await asyncio.to_thread(self.thread.join, 30)
+        if self.thread is None or not self.thread.is_alive():  # else the loop still owns it (the join timed out)
+            waiting, self.waiting = self.waiting, []
+            for item in waiting:
+                item.fail(EngineBusyError("the service is shutting down"))
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, WorkItem):
+                item.fail(EngineBusyError("the service is shutting down"))
+
+    def put(self, item: WorkItem) -> None:
+        self.queue.put(item)
+
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        """Run fn on the loop thread, between batches; nobody waits for it."""
+        self.queue.put(fn)
+
+    def control(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Queue fn for the loop thread now (from the event loop); its result comes in the future."""
+        loop = asyncio.get_running_loop()
+        item = WorkItem("control", None, fn, loop.create_future(), loop)
+        self.queue.put(item)
+        return item.future
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the loop thread, between batches, and await its result."""
+        return await self.control(fn)
+
+    def busy(self) -> set[str]:
+        """Loop thread: keys of the adapters running generation rows use (never evicted, whatever the bounds)."""
+        return self.decoder.adapters() if self.decoder is not None else set()
+
+    def fail_adapter(self, name: str, replaced: bool) -> None:
+        """Loop thread, on engine.forget: requests already running on `name` (a decode, an embedding split across
+        forwards) fail with 409 rather than finish on a version that was deleted or replaced mid-way; queued
+        ones run whole on the version they resolved (identity.py)."""
+        if self.decoder is not None and name in self.decoder.names():
+            self.decoder.fail(AdapterChangedError(name, replaced), adapter=name)
+        self.rows.fail_started(name, AdapterChangedError(name, replaced))
 
     def _loop(self) -> None:
         stopping = False
         while True:
             decoding = self.decoder is not None and self.decoder.active
-            if self._waiting and self._room() > 0:  # requests that waited for rows to end
+            if self.waiting and self._room() > 0:  # requests that waited for rows to end
                 self._run_group(self._take_waiting(self._room()), waited=True)
                 continue
-            busy = decoding or bool(self._rows)
+            busy = decoding or bool(self.rows)
             if stopping and not busy:
                 return
             first = None
             if not stopping:
                 try:  # while decoding or rows are pending, never wait: that work goes on
-                    first = self._queue.get_nowait() if busy else self._queue.get()
+                    first = self.queue.get_nowait() if busy else self.queue.get()
                 except queue.Empty:
                     pass
-            if first is STOP:
+            if first is _STOP:
                 stopping = True  # the running decode and the pending rows finish; nothing new is taken
             elif first is not None:
                 batch, controls = self._gather(first, wait=not busy)
@@ -94,28 +136,21 @@ class LoopThread:
                         self._run_group(group)
                     else:
                         for item in group:
-                            self._rows.add(item)
-            if self._rows:
-                self._run_group(self._rows.take(self._max_batch_tokens(), self.settings.max_batch_size))
+                            self.rows.add(item)
+            if self.rows:
+                self._run_group(self.rows.take(self.max_batch_tokens, self.config.max_batch_size))
             if self.decoder is not None and self.decoder.active:
                 self._step()
-
-    def _max_batch_tokens(self) -> int:
-        return getattr(self.settings, "max_batch_tokens", None) or default_budget(self.base.device)
 
     def _forward_key(self, item: WorkItem) -> object:
         """Which pending rows may share a forward: the same kind, and under the merge-always baseline the
         same adapter (one forward per adapter, as `_groups` does for generation)."""
-        return (item.kind, item.adapter) if self.policy.mode == "always" else item.kind
+        return (item.kind, item.key) if self.weights.policy.mode == "always" else item.kind
 
     def _room(self) -> int:
         """How many more rows the running decode takes now: up to max_batch_size, and none mid-decode when
         this model's cache cannot take newcomers."""
-        return self.settings.max_batch_size - self.decoder.running() if self.decoder.can_join() else 0
-
-    def _busy(self) -> set[str]:
-        """Adapters that running generation rows use: never evicted, whatever the bounds."""
-        return self.decoder.adapters() if self.decoder is not None else set()
+        return self.config.max_batch_size - self.decoder.running() if self.decoder.can_join() else 0
 
     def _gather(self, first: Any, wait: bool = True) -> tuple[list[WorkItem], list[Any]]:
         batch: list[WorkItem] = []
@@ -123,15 +158,15 @@ class LoopThread:
         (controls if _is_control(first) else batch).append(first)
         if not batch:
             return batch, controls
-        deadline = time.perf_counter() + (self.settings.max_wait_ms / 1000 if wait else 0.0)
-        while len(batch) < self.settings.max_batch_size:
+        deadline = time.perf_counter() + (self.config.max_wait_ms / 1000 if wait else 0.0)
+        while len(batch) < self.config.max_batch_size:
             remaining = deadline - time.perf_counter()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
-            if item is STOP:
-                self._queue.put(STOP)
+            if item is _STOP:
+                self.queue.put(_STOP)
                 break
             (controls if _is_control(item) else batch).append(item)
         return batch, controls
@@ -141,8 +176,8 @@ class LoopThread:
         for item in batch:
             by_kind.setdefault(item.kind, []).append(item)
         groups = list(by_kind.values())
-        if self.policy.mode == "always":  # the merge-always baseline: one forward per adapter
-            groups = [[i for i in g if i.adapter == a] for g in groups for a in dict.fromkeys(i.adapter for i in g)]
+        if self.weights.policy.mode == "always":  # the merge-always baseline: one forward per adapter
+            groups = [[i for i in g if i.key == a] for g in groups for a in dict.fromkeys(i.key for i in g)]
         return groups
 
     def _run_control(self, control: Any) -> None:
@@ -161,24 +196,25 @@ class LoopThread:
         if not items:
             return
         generate = items[0].kind == "generate"
-        if generate and not waited and (self._waiting or len(items) > self._room()):  # they queue, taking turns
-            self._waiting.extend(items)
+        if generate and not waited and (self.waiting or len(items) > self._room()):  # they queue, taking turns
+            self.waiting.extend(items)
             items = self._take_waiting(max(self._room(), 0))
             if not items:
                 return
         started = time.perf_counter()
-        with self.lock:
+        weights = self.weights
+        with weights.lock:
             try:
-                items = admissible(self.lm, self.base, self._residents_for(items))
+                items = admissible(weights.lm, self.base, weights.make_resident(items, protect=self.busy()))
                 if not items:
                     return
-                self._apply_policy(items)
+                weights.apply_policy(items, protect=self.busy())
                 if generate:
                     self._join(items)
                 else:
-                    run_batch(self.lm, self.base, items)
+                    run_batch(weights.lm, self.base, items)
             finally:
-                self.tiers.trim(protect=self._busy())  # a batch may overshoot the bounds; not beyond it
+                weights.trim(protect=self.busy())  # a batch may overshoot the bounds; not beyond it
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(items))
             if not generate:  # a decode's time is observed per step
@@ -189,7 +225,7 @@ class LoopThread:
         with many prompts is one call), first come first within each: a call with thousands of prompts then
         holds back a later one by at most one turn, not by all of its prompts."""
         calls: dict[object, list[WorkItem]] = {}
-        for item in self._waiting:
+        for item in self.waiting:
             calls.setdefault(item.payload.origin or id(item), []).append(item)
         queues, taken = list(calls.values()), []
         while len(taken) < n and any(queues):
@@ -197,7 +233,7 @@ class LoopThread:
                 if queue_ and len(taken) < n:
                     taken.append(queue_.pop(0))
         chosen = {id(item) for item in taken}
-        self._waiting = [item for item in self._waiting if id(item) not in chosen]
+        self.waiting = [item for item in self.waiting if id(item) not in chosen]
         return taken
 
     def _join(self, items: list[WorkItem]) -> None:
@@ -205,11 +241,11 @@ class LoopThread:
         longest prompt), each group spliced into the running decode in turn. A model whose cache cannot be
         spliced prefills them all at once, into a static batch, as before."""
         lengths = [len(item.encoded[0]) for item in items]
-        groups = plan(lengths, self._max_batch_tokens()) if self._splices else [list(range(len(items)))]
+        groups = plan(lengths, self.max_batch_tokens) if self._splices else [list(range(len(items)))]
         for n, group in enumerate(groups):
             if self.decoder.active and not self.decoder.can_join():
                 # That shows only once a first group runs: the rest wait for the decode to end.
-                self._waiting[:0] = [items[i] for g in groups[n:] for i in g]
+                self.waiting[:0] = [items[i] for g in groups[n:] for i in g]
                 return
             self._join_group([items[i] for i in group])
             if self.decoder.active:
@@ -233,56 +269,15 @@ class LoopThread:
 
     def _step(self) -> None:
         started = time.perf_counter()
-        with self.lock:
+        with self.weights.lock:
             try:
                 self.decoder.step()
             except Exception as exc:  # noqa: BLE001 - the rows share this forward, so all of them fail
                 self.decoder.fail(request_error(exc))
             finally:
-                self.tiers.trim(protect=self._busy())  # rows that ended no longer hold their adapters
+                self.weights.trim(protect=self.busy())  # rows that ended no longer hold their adapters
         if self.metrics is not None:
             self.metrics.forward_seconds.observe(time.perf_counter() - started)
-
-    def _residents_for(self, items: list[WorkItem]) -> list[WorkItem]:
-        """Make every adapter of the batch resident at once (so loading one cannot evict another that the
-        batch needs); a request whose adapter vanished (deleted meanwhile) fails alone, the rest runs."""
-        failed: dict[str, Exception] = {}
-        preloaded: dict[str, tuple[str, LoraWeights] | None] = {}
-        for item in items:  # any batch-mate's copy will do (the tiers check it is the stored version)
-            if item.adapter is not None and preloaded.get(item.adapter) is None:
-                preloaded[item.adapter] = item.preloaded
-        names = set(preloaded)
-        for name in names:
-            try:
-                self.tiers.add_resident(name, preloaded[name])
-            except Exception as exc:  # noqa: BLE001
-                failed[name] = exc
-        self.tiers.trim(protect=names | self._busy())
-        for item in items:
-            if item.adapter in failed:
-                item.fail(failed[item.adapter])
-        return [i for i in items if i.adapter not in failed]
-
-    def _apply_policy(self, items: list[WorkItem]) -> None:
-        """Merge or unmerge as the policy says. Advisory: a merge that fails leaves the batch to run
-        unmerged (exact either way); only adapters the batch names or that are resident are merged."""
-        adapters = [i.adapter for i in items]
-        batch = frozenset(a for a in adapters if a is not None)
-        if self.policy.mode == "always" and not self.pinned:
-            target = adapters[0]
-            change = self.lm.merged_adapter != target and target not in self.policy.refused
-        else:
-            self.policy.observe(adapters)
-            change, target = self.policy.decide(self.lm.merged_adapter, self.pinned)
-        if not change or (target is not None and target not in batch and target not in self.resident):
-            return
-        kind = "unmerge" if target is None else ("switch" if self.lm.merged_adapter else "merge")
-        try:
-            self._set_merged(target, kind, protect=batch)
-        except Exception as exc:  # noqa: BLE001 - never fail the batch for the policy's sake
-            if isinstance(exc, MergeError):  # tied or overflowing weights: it will never merge
-                self.policy.refuse(target)
-            log.warning("%s merge policy: not merging %r (%s); serving unmerged", self.policy.mode, target, exc)
 
 
 def _is_control(item: Any) -> bool:
