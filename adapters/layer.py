@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from adapters.errors import AdapterMismatchError
 from adapters.merge_kernel import MergeJob, write_merged
+from adapters.routing import Router, grouped_forward, rows_per_route, stacked_tables
 
 __all__ = ["LoraLinear", "Router", "is_lora_target_type", "conv1d_type", "norm_product"]
 
@@ -47,16 +46,6 @@ def conv1d_type() -> type | None:
 def is_lora_target_type(module: nn.Module) -> bool:
     conv1d = conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
-
-
-@dataclass
-class Router:
-    """Per-forward routing shared by every layer of one model. `row_ids[i]` is the global id of row i's
-    adapter (0 = base). Set by `LoraModel.route()`; None means "use the active adapter for every row"."""
-
-    row_ids: torch.Tensor | None = None  # (B,) int64 on the model's device
-    row_names: list[str | None] | None = None
-    version: int = 0  # bumped when the set of resident adapters or the merged adapter changes
 
 
 def norm_product(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -214,26 +203,11 @@ class LoraLinear(nn.Module):
         out.addmm_(h, b.T, alpha=sign * self.scaling[name])  # (N, out) += s · (N, r) @ (r, out)
         return out.reshape(result.shape)
 
-    def _rows_per_route(self, x: torch.Tensor) -> int:
-        """How many consecutive rows of x belong to each routed row: 1 for (B, …); T when a model flattened
-        (B, T, H) to (B·T, H) (OPT's MLP, Qwen2-MoE's shared expert); k for a batch that beam search expanded
-        to k·B with repeat_interleave. Row j then belongs to routed row j // k, whichever it is. A layer that sees
-        only some tokens (a per-expert Linear in Switch Transformers or NLLB-MoE) breaks that rule: it is refused
-        when its row count is not a multiple of B, but cannot be caught when it is; do not route such layers."""
-        bsz, rows = self._router.row_ids.shape[0], x.shape[0]
-        if rows == bsz:
-            return 1
-        if not bsz or rows % bsz:
-            raise AdapterMismatchError(f"route() named {bsz} rows, but this forward has {rows}, not a multiple of "
-                                       f"{bsz}: which row uses which adapter cannot be told; give one adapter name per "
-                                       "row of the batch")
-        return rows // bsz
-
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Row i gets s_i·B_i·A_i·x_i with one gather + two batched matmuls, not a loop over adapters."""
-        per_row = self._rows_per_route(x)
+        per_row = rows_per_route(self._router, x.shape[0])
         if self._needs_autograd():
-            return self._grouped_forward(x, result, per_row)
+            return grouped_forward(self, x, result, per_row)
         table, a_stack, b_stack = self._stacks()
         local = table[self._router.row_ids]  # (Bsz,) slot per row; slot 0 = base rows
         # Slot 0 is empty only while nothing is merged here; otherwise base rows must subtract M's branch.
@@ -262,65 +236,14 @@ class LoraLinear(nn.Module):
             return True
         return torch.is_grad_enabled() and any(p.requires_grad for pair in self._ab.values() for p in pair)
 
-    def _grouped_forward(self, x: torch.Tensor, result: torch.Tensor, per_row: int = 1) -> torch.Tensor:
-        """Training under route(): one branch per adapter over its own rows, with dropout and gradients.
-        Routed row i owns x's rows i·per_row … i·per_row + per_row - 1 (see _rows_per_route)."""
-        groups: dict[str | None, list[int]] = {}
-        for i, name in enumerate(self._router.row_names or []):
-            groups.setdefault(name if name in self._ab else None, []).append(i)
-        merged = self.merged_adapter
-        delta = torch.zeros_like(result)  # (N, …, out)
-        offsets = torch.arange(per_row, device=x.device)  # (k,)
-        for name, rows in groups.items():
-            if name == merged:
-                continue  # already in W
-            # (n,) routed rows -> (n, 1) * k + (k,) -> (n·k,) rows of x, in order
-            idx = (torch.tensor(rows, device=x.device).unsqueeze(1) * per_row + offsets).reshape(-1)
-            d = self._branch(x[idx], name) if name is not None else 0
-            if merged is not None:
-                d = d + self._branch(x[idx], merged, sign=-1.0)
-            delta = delta.index_add(0, idx, d.to(result.dtype))
-        return result + delta
-
     def _stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stacked (slots, R, in) and (slots, out, R) tables, rebuilt only when adapters or merge change.
-
-        Slot k>0 holds adapter k padded to the widest rank R. While M is merged every other slot carries
-        M's negated branch concatenated along the rank axis, and M's own slot is empty, so one gather
-        still gives each row exactly its own adapter."""
-        names = self.adapter_names()
-        # The tables are copies, so an optimizer step on A/B (which bumps the tensors' `_version`) must
-        # rebuild them too, not only a change of the resident set.
+        """The stacked tables of routing.stacked_tables, rebuilt only when adapters, the merge or (training) the
+        factors' values change: they are copies, so an optimizer step (which bumps `_version`) must rebuild them."""
         version = (self._router.version, tuple((_version_of(self.lora_A[n].weight), _version_of(self.lora_B[n].weight))
-                                               for n in names))
-        if self._stack_cache is not None and self._stack_cache[0] == version:
-            return self._stack_cache[1:]
-        merged = self.merged_adapter
-        w = self.lora_A[names[0]].weight
-        pieces: dict[str | None, list[tuple[torch.Tensor, torch.Tensor]]] = {None: []}
-        for name in names:
-            own = (self.lora_A[name].weight, self.lora_B[name].weight * self.scaling[name])  # (r, in), (out, r)
-            pieces[name] = [] if name == merged else [own]
-        if merged is not None:
-            neg = (self.lora_A[merged].weight, self.lora_B[merged].weight * -self.scaling[merged])
-            for name in pieces:
-                if name != merged:
-                    pieces[name].append(neg)
-        rank = max([sum(a.shape[0] for a, _ in p) for p in pieces.values()] + [1])
-        n_global = max(self._global_ids.values(), default=0) + 1
-        table = torch.zeros(n_global, dtype=torch.long, device=w.device)
-        a_stack = torch.zeros(len(pieces), rank, self.in_features, dtype=w.dtype, device=w.device)
-        b_stack = torch.zeros(len(pieces), self.out_features, rank, dtype=w.dtype, device=w.device)
-        for slot, (name, parts) in enumerate(pieces.items()):
-            if name is not None:
-                table[self._global_ids[name]] = slot
-            offset = 0
-            for a, b in parts:
-                a_stack[slot, offset:offset + a.shape[0]] = a.detach()
-                b_stack[slot, :, offset:offset + a.shape[0]] = b.detach()
-                offset += a.shape[0]
-        self._stack_cache = (version, table, a_stack, b_stack)
-        return table, a_stack, b_stack
+                                               for n in self.adapter_names()))
+        if self._stack_cache is None or self._stack_cache[0] != version:
+            self._stack_cache = (version, *stacked_tables(self))
+        return self._stack_cache[1:]
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self, name: str) -> torch.Tensor:

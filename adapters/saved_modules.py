@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from adapters.errors import AdapterMismatchError
-from adapters.layer import Router
+from adapters.routing import Router
 
 __all__ = ["SavedModuleWrapper"]
 
@@ -43,7 +43,7 @@ class SavedModuleWrapper(nn.Module):
         names = self._router.row_names
         if not names or x.dim() == 0 or x.shape[0] % len(names):
             return self._run(self.active_adapter, x, *args, **kwargs)
-        # x's rows j·k … j·k+k-1 are routed row j's: k = 1, or k beams per row (see LoraLinear._rows_per_route)
+        # x's rows j·k … j·k+k-1 are routed row j's: k = 1, or k beams per row (see routing.rows_per_route)
         k = x.shape[0] // len(names)
         groups: dict[str | None, list[int]] = {}
         for i, n in enumerate(names):
