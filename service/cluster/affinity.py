@@ -1,0 +1,74 @@
+"""Adapter identity across replicas, and rendezvous (highest-random-weight) placement. No Ray here.
+
+A request is routed by the *content* of its adapter, `name@sha256`, never by the name alone: an
+overwrite makes a new key, so it gets its own placement and no replica can answer from the old weights.
+
+Placement: every (key, replica) pair gets a pseudo-random weight; the replica with the highest weight is
+the key's home, the next one its second choice. Removing a replica moves only the keys it was home to
+(each to its own second choice), and adding one takes over ~1/N of the keys: the rest of the cache stays
+warm. A home whose queue holds `spill_at` requests or more shares the key with the second choice (the
+shorter queue wins), so a hot adapter is served by two replicas instead of queueing behind one, and a
+cold one stays on one replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+__all__ = ["BASE", "CONTROL_PREFIX", "adapter_key", "parse_key", "short_key", "control_id", "control_target",
+           "rendezvous_order", "placement"]
+
+BASE = "base"
+CONTROL_PREFIX = "@replica:"  # a multiplexed id that addresses one replica (admin fan-out), never an adapter
+
+
+def adapter_key(name: str, sha256: str) -> str:
+    return f"{name}@{sha256}"
+
+
+def parse_key(key: str) -> tuple[str, str | None]:
+    """`name@sha256` -> (name, sha256); `base` -> ("base", None)."""
+    name, _, sha = key.rpartition("@")
+    return (name, sha) if name else (key, None)
+
+
+def short_key(key: str) -> str:
+    """For people: `support@5442a1b2c3d4` (12 hex digits identify a version well enough to read)."""
+    name, sha = parse_key(key)
+    return name if sha is None else f"{name}@{sha[:12]}"
+
+
+def control_id(replica_id: str) -> str:
+    return CONTROL_PREFIX + replica_id
+
+
+def control_target(multiplexed_model_id: str | None) -> str | None:
+    if multiplexed_model_id and multiplexed_model_id.startswith(CONTROL_PREFIX):
+        return multiplexed_model_id[len(CONTROL_PREFIX):]
+    return None
+
+
+def _weight(key: str, replica_id: str) -> int:
+    digest = hashlib.blake2b(f"{key}\x00{replica_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def rendezvous_order(key: str, replica_ids: Iterable[str]) -> list[str]:
+    """Replica ids, the key's home first: every router computes the same order without talking to another."""
+    return sorted(replica_ids, key=lambda r: _weight(key, r), reverse=True)
+
+
+def placement(key: str, replica_ids: Iterable[str], loads: Mapping[str, int], spill_at: int) -> list[list[str]]:
+    """Ranks of candidate replicas for `key`, most preferred first (Ray picks the shortest queue within a
+    rank that is not full, and tries the next rank only when the whole rank is full):
+
+        home not busy:  [[home], [second], [everyone else]]
+        home busy:      [[home, second], [everyone else]]      busy = loads[home] >= spill_at
+    """
+    order = rendezvous_order(key, replica_ids)
+    if len(order) <= 1:
+        return [order] if order else []
+    home, second, rest = order[0], order[1], order[2:]
+    ranks = [[home, second]] if loads.get(home, 0) >= spill_at else [[home], [second]]
+    return ranks + ([rest] if rest else [])
