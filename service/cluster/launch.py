@@ -45,6 +45,12 @@ def _scaling(settings: Settings) -> dict[str, Any]:
                                    "target_ongoing_requests": settings.target_ongoing_requests}}
 
 
+def _logging(settings: Settings) -> dict[str, Any]:
+    # No access-log line per request: at thousands of requests per second they cost the CPU the forwards
+    # need, and /metrics counts requests by route and status already.
+    return {"enable_access_log": False, "log_level": settings.log_level.upper()}
+
+
 def build_application(settings: Settings) -> Any:
     router = ROUTERS[settings.cluster_router]
     kwargs = {"spill_at": settings.spill_at} if settings.cluster_router == "affinity" else {}
@@ -52,10 +58,11 @@ def build_application(settings: Settings) -> Any:
         ray_actor_options={"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
         max_ongoing_requests=settings.replica_max_ongoing_requests,
         request_router_config=RequestRouterConfig(request_router_class=router, request_router_kwargs=kwargs),
-        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5, **_scaling(settings))
+        health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
+        logging_config=_logging(settings), **_scaling(settings))
     # The ingress only parses, resolves and forwards: no CPU reserved, so replicas get every core Ray counts.
     ingress = serve.deployment(LoraIngress, name="LoraIngress").options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config=_logging(settings))
     return ingress.bind(settings, replica.bind(settings))
 
 

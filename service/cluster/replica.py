@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,6 +52,7 @@ def replica_class(cache_slots: int) -> type:
             await self.engine.start()
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             self.started_at, self.served = time.time(), 0
+            self.by_adapter: Counter[str] = Counter()  # requests per key served here (its busiest in /v1/state)
             await self._reconcile(strict=False)
             self._poller = asyncio.get_running_loop().create_task(self._poll_pins())
 
@@ -60,6 +62,7 @@ def replica_class(cache_slots: int) -> type:
 
         async def _enter(self, key: str) -> None:
             self.served += 1
+            self.by_adapter[key] += 1
             if serve.get_multiplexed_model_id():  # routed by adapter: keep Ray's view of this replica current
                 await self._slot(key)
 
@@ -153,6 +156,7 @@ def replica_class(cache_slots: int) -> type:
                     "host_cached_adapters": [short_key(k) for k in state["host_cached_adapters"]],
                     "cold_loads": self._count("device"), "disk_loads": self._count("disk"),
                     "requests_served": self.served, "pid": os.getpid(),
+                    "busiest_adapters": {short_key(k): n for k, n in self.by_adapter.most_common(5)},
                     "uptime_s": round(time.time() - self.started_at, 1)}
 
     return LoraReplica
