@@ -5,7 +5,8 @@
      `multiplex`: Ray's default multiplexed router) and for one single server (`lora-serve`, no Ray);
      200 stored rank-8 adapters on the packaged MiniLM, requests Zipf-distributed (s = 1.1), each replica's
      device cache 16 adapters (--device-cache-adapters 16);
-  2. a hot adapter with 60% of the traffic: served by both replicas (affinity);
+  2. a hot adapter with 60% of the traffic: how many of its requests each replica served (affinity, and
+     Ray's default for comparison);
   3. 100 overwrites of one adapter under load: answers older than the version current when the request
      was sent are counted as stale (must be 0);
   4. a replica killed with SIGKILL under load: failed requests (at most those in flight), and the time until
@@ -249,10 +250,12 @@ def run_cluster(store: Path, port: int, n: int) -> dict:
             deploy(settings)
             print(f"[{router}] deployed in {time.perf_counter() - t:.0f} s", flush=True)
             out[router] = measure(port, n)
+            out[router]["routing"] = state(port).get("routing")
             print(f"[{router}] {out[router]}", flush=True)
+            if router in ("multiplex", "affinity"):
+                out[f"hot_adapter_{router}"] = hot_adapter(port, n)
+                print(f"[hot {router}] {out[f'hot_adapter_{router}']}", flush=True)
             if router == "affinity":
-                out["hot_adapter"] = hot_adapter(port, n)
-                print(f"[hot] {out['hot_adapter']}", flush=True)
                 out["overwrites"] = overwrites(port)
                 print(f"[overwrites] {out['overwrites']}", flush=True)
                 out["kill"] = kill_under_load(port)
@@ -303,7 +306,7 @@ def main() -> None:
     rows = [[name, r["cold_loads_per_1000"], r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["errors"]]
             for name, r in ((k, results[k]) for k in ("affinity", "spread", "multiplex", "single"))]
     print(markdown_table(["routing", "cold loads / 1000 req", "req/s", "p50 ms", "p99 ms", "errors"], rows))
-    print({k: results[k] for k in ("hot_adapter", "overwrites", "kill")})
+    print({k: results[k] for k in ("hot_adapter_multiplex", "hot_adapter_affinity", "overwrites", "kill")})
     print(machine)
     if args.json:
         write_json(args.json, {"machine": machine, "concurrency": CONCURRENCY, "adapters": N_ADAPTERS,

@@ -33,7 +33,7 @@ from adapters import LoraWeights, UnknownAdapterError, validate_adapter
 from adapters.validation import model_index
 from service.base_model import LoadedBase
 from service.cluster.affinity import BASE, adapter_key, control_id
-from service.cluster.routing import live_replica_ids
+from service.cluster.routing import live_replica_ids, routing_stats
 from service.cluster.store_view import PinsFile, resolve
 from service.engine import CompletionChunk, CompletionRequest, EngineBusyError
 from service.engine.engine import MAX_DELTA
@@ -180,7 +180,8 @@ class ClusterEngine:
                 "resident_adapters": sorted({a for r in ok for a in r["resident_adapters"]}),
                 "merge_kernel": same("merge_kernel") or "addmm",
                 "fingerprint": same("fingerprint"), "pristine_fingerprint": same("pristine_fingerprint"),
-                "router": self.settings.cluster_router, "replicas": replicas}
+                "router": self.settings.cluster_router, "routing": routing_stats(self.deployment),
+                "replicas": replicas}
 
     # ------------------------------------------------------------------ internals
     async def _key(self, model: str) -> str:

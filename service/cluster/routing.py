@@ -25,9 +25,9 @@ from typing import Any
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from service.cluster.affinity import control_target, placement
+from service.cluster.affinity import control_target, placement, rendezvous_order
 
-__all__ = ["AdapterAffinityRouter", "RayMultiplexRouter", "live_replica_ids", "ROUTERS"]
+__all__ = ["AdapterAffinityRouter", "RayMultiplexRouter", "live_replica_ids", "routing_stats", "ROUTERS"]
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the routers of this process (see _registry)
 
@@ -36,6 +36,15 @@ def _registry() -> weakref.WeakSet:
     # Serve ships the router class to the handle's process by cloudpickle, which may copy it by value with
     # its own copy of this module's globals; a lookup through sys.modules always reaches the one registry.
     return importlib.import_module("service.cluster.routing")._LIVE
+
+
+def routing_stats(deployment: str) -> dict[str, int]:
+    """Where the affinity routers of this process sent adapter requests: to the key's home, or away."""
+    total: Counter[str] = Counter()
+    for router in list(_registry()):
+        if router._deployment_id.name == deployment:
+            total.update(getattr(router, "stats", {}))
+    return dict(total)
 
 
 def live_replica_ids(deployment: str) -> list[str]:
@@ -69,6 +78,7 @@ class AdapterAffinityRouter(_Targeting, RequestRouter):
         super().__init__(*args, **kwargs)
         self.spill_at = 4
         self.in_flight: Counter[str] = Counter()  # replica unique id -> requests dispatched, not completed
+        self.stats: Counter[str] = Counter()  # home / away / busy: where adapter requests went, and why
 
     def initialize_state(self, spill_at: int = 4, **kwargs: Any) -> None:
         self.spill_at = spill_at
@@ -84,11 +94,18 @@ class AdapterAffinityRouter(_Targeting, RequestRouter):
         if not key:  # the base model, or no adapter: any replica, the shortest queue wins
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ranks = placement(key, by_id, self.in_flight, self.spill_at)
+        resident = {i: r.multiplexed_model_ids for i, r in by_id.items()}
+        ranks = placement(key, by_id, self.in_flight, self.spill_at, resident=resident)
+        if len(ranks[0]) > 1:
+            self.stats["busy"] += 1
         return [[by_id[i] for i in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self.in_flight[replica_id.unique_id] += 1
+        key = pending_request.metadata.multiplexed_model_id
+        if key and control_target(key) is None:
+            order = rendezvous_order(key, (r.unique_id for r in self.curr_replicas))
+            self.stats["home" if order and order[0] == replica_id.unique_id else "away"] += 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         uid = replica_id.unique_id
