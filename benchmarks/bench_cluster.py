@@ -138,11 +138,15 @@ def measure(port: int, n: int, single: bool = False) -> dict:
 
 
 def hot_adapter(port: int, n: int) -> dict:
+    def hot_counts() -> dict[str, int]:
+        return {r["replica"]: sum(v for k, v in r["busiest_adapters"].items() if k.startswith("task-000@"))
+                for r in state(port)["replicas"]}
+
+    before = hot_counts()
     result = asyncio.run(drive(port, zipf_work(n, seed=3, hot=0.6)))
-    replicas = state(port)["replicas"]
-    served = [{k: v for k, v in r["busiest_adapters"].items() if k.startswith("task-000@")} for r in replicas]
-    result["hot_served_per_replica"] = [sum(s.values()) for s in served]
-    result["merged_per_replica"] = [r["merged_adapter"] for r in replicas]
+    after = hot_counts()
+    result["hot_served_per_replica"] = [after[r] - before.get(r, 0) for r in after]
+    result["merged_per_replica"] = [r["merged_adapter"] for r in state(port)["replicas"]]
     return result
 
 
@@ -268,10 +272,12 @@ def run_cluster(store: Path, port: int, n: int) -> dict:
     return out
 
 
-def run_single(store: Path, port: int, n: int) -> dict:
+def run_single(store: Path, port: int, n: int, threads: int | None = None) -> dict:
+    """`threads`: OMP_NUM_THREADS for torch (Ray gives each replica its num_cpus, here 1)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--store",
                              str(store), "--log-level", "warning", "--device", "cpu",
-                             "--device-cache-adapters", str(CACHE)], cwd=ROOT)
+                             "--device-cache-adapters", str(CACHE)], cwd=ROOT, env=env)
     try:
         deadline = time.time() + 180
         while True:
@@ -303,8 +309,9 @@ def main() -> None:
         populate(store)
         results = run_cluster(store, free_port(), args.requests)
         results["single"] = run_single(store, free_port(), args.requests)
+        results["single_1_thread"] = run_single(store, free_port(), args.requests, threads=1)
     rows = [[name, r["cold_loads_per_1000"], r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["errors"]]
-            for name, r in ((k, results[k]) for k in ("affinity", "spread", "multiplex", "single"))]
+            for name, r in ((k, results[k]) for k in ("affinity", "spread", "multiplex", "single", "single_1_thread"))]
     print(markdown_table(["routing", "cold loads / 1000 req", "req/s", "p50 ms", "p99 ms", "errors"], rows))
     print({k: results[k] for k in ("hot_adapter_multiplex", "hot_adapter_affinity", "overwrites", "kill")})
     print(machine)

@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from service.cluster.ingress import REPLICA_DEPLOYMENT, LoraIngress
+from service.cluster.loopback import HOOK as LOOPBACK_HOOK
 from service.cluster.replica import replica_class
 from service.cluster.routing import ROUTERS
 from service.settings import Settings
@@ -75,7 +76,8 @@ def start_ray(settings: Settings) -> bool:
         return False
     # A local instance is one machine: keep every Ray listener on 127.0.0.1 (Ray's own switch for that).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace="lora-service")
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace="lora-service",
+             runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK})
     return True
 
 
