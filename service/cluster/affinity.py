@@ -17,6 +17,12 @@ a load (and an eviction) just because its home is momentarily busier. Under even
 stays on its home. (Both conditions were measured: with an absolute threshold alone every queue passes
 it under steady load and placement decays into random spreading; without the residency check, the 12%
 of requests that spilled cost 20% more cold loads.)
+
+A replica whose recent requests are mostly (half or more) one adapter homed on it is *devoted* to it: while it is
+busy, the other adapters homed there go to their second choice, so its share climbs and its merge policy
+merges the adapter (zero overhead); the hot adapter itself spreads to its second choice only once its
+home's queue is twice the second's plus `spill_at`. Ray's default router neither keeps a merged replica
+to its adapter nor spreads a hot one.
 """
 
 from __future__ import annotations
@@ -68,22 +74,34 @@ def rendezvous_order(key: str, replica_ids: Iterable[str]) -> list[str]:
 
 
 def placement(key: str, replica_ids: Iterable[str], loads: Mapping[str, int], spill_at: int,
-              slack: float = 0.25, resident: Mapping[str, Container[str]] | None = None) -> list[list[str]]:
+              slack: float = 0.25, resident: Mapping[str, Container[str]] | None = None,
+              dominant: Mapping[str, str | None] | None = None) -> list[list[str]]:
     """Ranks of candidate replicas for `key`, most preferred first (Ray picks the shortest queue within a
     rank that is not full, and tries the next rank only when the whole rank is full):
 
-        home keeps it:  [[home], [second], [everyone else]]
-        home shares:    [[home, second], [everyone else]]
+        home keeps it:          [[home], [second], [everyone else]]
+        home shares:            [[home, second], [everyone else]]
+        home devoted to another [[second], [home], [everyone else]]
 
     `resident`: replica id -> the keys it holds (as Ray's multiplexing reports them; may lag a little).
+    `dominant`: replica id -> the key with most of its recent requests (at least half), if any.
     """
     order = rendezvous_order(key, replica_ids)
     if len(order) <= 1:
         return [order] if order else []
     home, second, rest = order[0], order[1], order[2:]
-    mean = sum(loads.get(r, 0) for r in order) / len(order)
+    tail = [rest] if rest else []
     at_home, at_second = loads.get(home, 0), loads.get(second, 0)
+    far_busier = at_home >= 2 * at_second + spill_at
+    devoted_to = (dominant or {}).get(home)
+    if devoted_to is not None and rendezvous_order(devoted_to, order)[0] != home:
+        devoted_to = None  # a replica serving another's hot adapter as its second choice is not devoted to it
+    if devoted_to is not None:
+        if devoted_to != key and at_home >= spill_at and not at_second >= 2 * at_home + spill_at:
+            return [[second], [home]] + tail  # leave the home to its hot adapter, so that it can merge it
+        if devoted_to == key:
+            return ([[home, second]] if far_busier else [[home], [second]]) + tail
+    mean = sum(loads.get(r, 0) for r in order) / len(order)
     busy = at_home >= spill_at and at_home > (1 + slack) * mean
-    cheap = key in (resident or {}).get(second, ()) or at_home >= 2 * at_second + spill_at
-    ranks = [[home, second]] if busy and cheap else [[home], [second]]
-    return ranks + ([rest] if rest else [])
+    cheap = key in (resident or {}).get(second, ()) or far_busier
+    return ([[home, second]] if busy and cheap else [[home], [second]]) + tail

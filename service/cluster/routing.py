@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -29,6 +29,7 @@ from service.cluster.affinity import control_target, placement, rendezvous_order
 
 __all__ = ["AdapterAffinityRouter", "RayMultiplexRouter", "live_replica_ids", "routing_stats", "ROUTERS"]
 
+_WINDOW = 64  # requests per replica the dominance is judged on (as the engine's merge policy's window)
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the routers of this process (see _registry)
 
 
@@ -79,6 +80,7 @@ class AdapterAffinityRouter(_Targeting, RequestRouter):
         self.spill_at = 4
         self.in_flight: Counter[str] = Counter()  # replica unique id -> requests dispatched, not completed
         self.stats: Counter[str] = Counter()  # home / away / busy: where adapter requests went, and why
+        self.recent: dict[str, deque[str]] = {}  # replica unique id -> keys of the last requests routed to it
 
     def initialize_state(self, spill_at: int = 4, **kwargs: Any) -> None:
         self.spill_at = spill_at
@@ -95,7 +97,8 @@ class AdapterAffinityRouter(_Targeting, RequestRouter):
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         resident = {i: r.multiplexed_model_ids for i, r in by_id.items()}
-        ranks = placement(key, by_id, self.in_flight, self.spill_at, resident=resident)
+        dominant = {i: self._dominant(i) for i in by_id}
+        ranks = placement(key, by_id, self.in_flight, self.spill_at, resident=resident, dominant=dominant)
         if len(ranks[0]) > 1:
             self.stats["busy"] += 1
         return [[by_id[i] for i in rank] for rank in ranks]
@@ -103,9 +106,19 @@ class AdapterAffinityRouter(_Targeting, RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self.in_flight[replica_id.unique_id] += 1
         key = pending_request.metadata.multiplexed_model_id
+        if control_target(key) is None:
+            self.recent.setdefault(replica_id.unique_id, deque(maxlen=_WINDOW)).append(key or "")
         if key and control_target(key) is None:
             order = rendezvous_order(key, (r.unique_id for r in self.curr_replicas))
             self.stats["home" if order and order[0] == replica_id.unique_id else "away"] += 1
+
+    def _dominant(self, replica: str) -> str | None:
+        """The key with at least half of the replica's recent requests (a full window), if any."""
+        window = self.recent.get(replica)
+        if window is None or len(window) < _WINDOW:
+            return None
+        key, count = Counter(window).most_common(1)[0]
+        return key if key and count * 2 >= len(window) else None
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         uid = replica_id.unique_id
@@ -115,6 +128,7 @@ class AdapterAffinityRouter(_Targeting, RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self.in_flight.pop(replica_id.unique_id, None)
+        self.recent.pop(replica_id.unique_id, None)
 
 
 class RayMultiplexRouter(_Targeting, PowerOfTwoChoicesRequestRouter):

@@ -57,6 +57,24 @@ def test_a_busy_home_shares_with_its_second_choice_only() -> None:
     assert placement(key, ["solo"], {}, spill_at=1) == [["solo"]]
 
 
+def test_a_home_devoted_to_a_hot_adapter_sends_the_others_to_their_second_choice() -> None:
+    key = KEYS[0]
+    home, second, *rest = rendezvous_order(key, REPLICAS)
+    hot = next(k for k in KEYS[1:] if rendezvous_order(k, REPLICAS)[0] == home)
+    guest = next(k for k in KEYS[1:] if rendezvous_order(k, REPLICAS)[0] != home)
+    devoted = {home: hot}
+    # A replica busy with another replica's hot adapter (as its second choice) is not devoted to it.
+    assert placement(key, REPLICAS, {home: 8, second: 8}, spill_at=4, dominant={home: guest}) == [[home], [second],
+                                                                                                    rest]
+    assert placement(key, REPLICAS, {home: 8, second: 8}, spill_at=4, dominant=devoted) == [[second], [home], rest]
+    assert placement(key, REPLICAS, {home: 2}, spill_at=4, dominant=devoted) == [[home], [second], rest]  # idle
+    # The hot adapter stays on the home devoted to it, and spreads only when that home is far busier.
+    assert placement(key, REPLICAS, {home: 12, second: 8}, spill_at=4, dominant={home: key}) == [[home], [second],
+                                                                                                   rest]
+    assert placement(key, REPLICAS, {home: 20, second: 8}, spill_at=4, dominant={home: key}) == [[home, second],
+                                                                                                   rest]
+
+
 def test_pins_record_is_replaced_atomically(tmp_path) -> None:
     pins = PinsFile(tmp_path)
     assert pins.read() == {"merged": None, "seq": 0}
