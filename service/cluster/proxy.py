@@ -217,7 +217,10 @@ class ClusterEngine:
         ids = live_replica_ids(self.deployment)
         if not ids:  # this process has not routed anything yet: one call creates the router
             _own_request_id()
-            await asyncio.wait_for(self.replicas.control.remote("ping"), self.timeout)
+            try:
+                await asyncio.wait_for(self.replicas.control.remote("ping"), self.timeout)
+            except TimeoutError as exc:
+                raise ReplicaTimeoutError(f"no replica answered within {self.timeout:g} s") from exc
             for _ in range(100):
                 if ids := live_replica_ids(self.deployment):
                     break

@@ -129,7 +129,10 @@ def replica_class(cache_slots: int) -> type:
         async def _poll_pins(self) -> None:
             while True:
                 await asyncio.sleep(self.settings.cluster_pin_poll_s)
-                await self._reconcile(strict=False)
+                try:
+                    await self._reconcile(strict=False)
+                except Exception:  # noqa: BLE001 - e.g. the store briefly unreadable: try again next time
+                    log.exception("replica %s: could not read the merge pins", self.replica_id)
 
         def _drop_stale(self, name: str) -> None:
             try:

@@ -38,7 +38,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("cluster")
     base = build_bert(root / "bert")
     settings = absolute(make_settings(base, root / "store", replicas=2, port=_free_port(), replica_num_cpus=0.5,
-                                      max_rank=16, device_cache_adapters=4, cluster_pin_poll_s=0.5,
+                                      max_rank=16, device_cache_adapters=12, cluster_pin_poll_s=0.5,
                                       cluster_request_timeout_s=30))
     started = False
     try:
