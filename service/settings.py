@@ -112,7 +112,7 @@ class Settings(BaseSettings):
     cluster_router: Literal["affinity", "multiplex", "spread"] = "affinity"
     """affinity: an adapter's requests go to its rendezvous-hash home (and spill to a 2nd replica when busy);
     multiplex: Ray's default multiplexed router; spread: ignore the adapter (shortest queue of two)."""
-    spill_at: int = Field(4, ge=1)
+    spill_at: int = Field(8, ge=1)
     """affinity: a home replica with this many requests in flight shares the adapter with its second choice."""
     cluster_request_timeout_s: float = Field(120.0, gt=0)
     """Longest the ingress waits for a replica's answer (or a stream's next token) before answering 503."""

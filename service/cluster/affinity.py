@@ -18,11 +18,11 @@ stays on its home. (Both conditions were measured: with an absolute threshold al
 it under steady load and placement decays into random spreading; without the residency check, the 12%
 of requests that spilled cost 20% more cold loads.)
 
-A replica whose recent requests are mostly (half or more) one adapter homed on it is *devoted* to it: while it is
-busy, the other adapters homed there go to their second choice, so its share climbs and its merge policy
-merges the adapter (zero overhead); the hot adapter itself spreads to its second choice only once its
-home's queue is twice the second's plus `spill_at`. Ray's default router neither keeps a merged replica
-to its adapter nor spreads a hot one.
+A replica whose recent requests are mostly (half or more) one adapter homed on it is *devoted* to it: the
+other adapters homed there go to their second choice (unless that one is far busier), so its share climbs
+and its merge policy merges the adapter (zero overhead); the hot adapter itself spreads to its second
+choice only once its home's queue is twice the second's plus `spill_at`. Ray's default router neither
+keeps a merged replica to its adapter nor spreads a hot one.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def placement(key: str, replica_ids: Iterable[str], loads: Mapping[str, int], sp
     if devoted_to is not None and rendezvous_order(devoted_to, order)[0] != home:
         devoted_to = None  # a replica serving another's hot adapter as its second choice is not devoted to it
     if devoted_to is not None:
-        if devoted_to != key and at_home >= spill_at and not at_second >= 2 * at_home + spill_at:
+        if devoted_to != key and not at_second >= 2 * at_home + spill_at:
             return [[second], [home]] + tail  # leave the home to its hot adapter, so that it can merge it
         if devoted_to == key:
             return ([[home, second]] if far_busier else [[home], [second]]) + tail

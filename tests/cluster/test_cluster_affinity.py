@@ -67,7 +67,8 @@ def test_a_home_devoted_to_a_hot_adapter_sends_the_others_to_their_second_choice
     assert placement(key, REPLICAS, {home: 8, second: 8}, spill_at=4, dominant={home: guest}) == [[home], [second],
                                                                                                     rest]
     assert placement(key, REPLICAS, {home: 8, second: 8}, spill_at=4, dominant=devoted) == [[second], [home], rest]
-    assert placement(key, REPLICAS, {home: 2}, spill_at=4, dominant=devoted) == [[home], [second], rest]  # idle
+    assert placement(key, REPLICAS, {home: 2}, spill_at=4, dominant=devoted) == [[second], [home], rest]
+    assert placement(key, REPLICAS, {home: 2, second: 9}, spill_at=4, dominant=devoted) == [[home], [second], rest]
     # The hot adapter stays on the home devoted to it, and spreads only when that home is far busier.
     assert placement(key, REPLICAS, {home: 12, second: 8}, spill_at=4, dominant={home: key}) == [[home], [second],
                                                                                                    rest]
