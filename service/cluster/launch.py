@@ -71,8 +71,8 @@ def start_ray(settings: Settings) -> bool:
     """Connect to --ray-address (or RAY_ADDRESS), or start a local instance on loopback. True if started here."""
     if ray.is_initialized():
         return False
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, namespace="lora-service")
+    if settings.ray_address or os.environ.get("RAY_ADDRESS"):  # Ray's own variable, as `ray.init()` reads it
+        ray.init(address=settings.ray_address or os.environ["RAY_ADDRESS"], namespace="lora-service")
         return False
     # A local instance is one machine: keep every Ray listener on 127.0.0.1 (Ray's own switch for that).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
