@@ -2,6 +2,7 @@
 
     lora-serve                                   # the packaged MiniLM on 127.0.0.1:8000, store ./store/<model>-<id>
     lora-serve --base-model ./gpt2 --admin-keys "$ADMIN_KEY" --inference-keys "$INFER_KEY"
+    lora-serve --replicas 2                      # a cluster on Ray Serve (pip install .[cluster]), same API
     lora-serve --help                            # every setting, with its LORA_* variable
 """
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-serve: refusing to start: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.cluster_mode:
+        return _run_cluster(settings)
     import uvicorn  # after the settings, so --help and bad flags answer at once
 
     from service.app import create_app
@@ -51,3 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1,
                 log_level=settings.log_level)
     return 0
+
+
+def _run_cluster(settings: Settings) -> int:
+    """--replicas > 1 or --ray-address: the same API on Ray Serve (service/cluster)."""
+    try:
+        from service.cluster.launch import run_cluster
+    except ImportError as exc:
+        print(f"lora-serve: cluster mode needs Ray Serve ({exc}); install it with: pip install '.[cluster]'",
+              file=sys.stderr)
+        return 2
+    return run_cluster(settings)

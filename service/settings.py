@@ -109,6 +109,33 @@ class Settings(BaseSettings):
     merge_kernel: Literal["auto", "addmm"] = "auto"
     """auto: CPU float32/bfloat16 merges run on the one-pass C kernel where it was built; addmm: always torch.addmm."""
 
+    # ---------------------------------------------------------------- cluster mode (Ray Serve: pip install .[cluster])
+    replicas: int = Field(1, ge=1, le=1024)
+    """Engine replicas. Above 1 (or with --ray-address) the service runs on Ray Serve: one ingress, N replicas."""
+    ray_address: str | None = None
+    """Join this Ray cluster (host:port or ray://...) instead of starting a local one (RAY_ADDRESS works too)."""
+    replica_num_cpus: float = Field(1.0, ge=0)
+    """CPUs Ray reserves for each replica."""
+    replica_num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each replica (fractions share one GPU)."""
+    min_replicas: int | None = Field(None, ge=0)
+    """Autoscaling lower bound (with --max-replicas; default 1)."""
+    max_replicas: int | None = Field(None, ge=1)
+    """Autoscaling upper bound; unset: a fixed --replicas."""
+    target_ongoing_requests: float = Field(16.0, gt=0)
+    """Autoscaling target: requests in flight per replica."""
+    replica_max_ongoing_requests: int = Field(64, ge=1)
+    """Most requests in flight on one replica (more wait in the router); its batches take up to --max-batch-size."""
+    cluster_router: Literal["affinity", "multiplex", "spread"] = "affinity"
+    """affinity: an adapter's requests go to its rendezvous-hash home (and spill to a 2nd replica when busy);
+    multiplex: Ray's default multiplexed router; spread: ignore the adapter (shortest queue of two)."""
+    spill_at: int = Field(8, ge=1)
+    """affinity: a home replica with this many requests in flight shares the adapter with its second choice."""
+    cluster_request_timeout_s: float = Field(120.0, gt=0)
+    """Longest the ingress waits for a replica's answer (or a stream's next token) before answering 503."""
+    cluster_pin_poll_s: float = Field(1.0, gt=0)
+    """How often each replica re-reads the merge pins (an explicit merge reaches every replica at once as well)."""
+
     # ---------------------------------------------------------------- validation
     @field_validator("admin_keys", "inference_keys", mode="before")
     @classmethod
@@ -124,7 +151,8 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("log_level", "dtype", "merge_policy", "merge_kernel", "task", "device", mode="before")
+    @field_validator("log_level", "dtype", "merge_policy", "merge_kernel", "task", "device", "cluster_router",
+                     mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
@@ -187,11 +215,18 @@ class Settings(BaseSettings):
             if len(key) < MIN_KEY_LENGTH or not _KEY.match(key):
                 raise ValueError(f"API keys must be at least {MIN_KEY_LENGTH} printable ASCII characters without "
                                  "spaces (make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        if self.max_replicas is not None and not (self.min_replicas or 1) <= self.replicas <= self.max_replicas:
+            raise ValueError("autoscaling needs --min-replicas <= --replicas <= --max-replicas")
         if set(self.admin_keys) & set(self.inference_keys):
             raise ValueError("a key is listed both as an admin key and as an inference key")
         return self
 
     # ---------------------------------------------------------------- derived
+    @property
+    def cluster_mode(self) -> bool:
+        """Run on Ray Serve (service/cluster) rather than as one process."""
+        return self.replicas > 1 or self.max_replicas is not None or bool(self.ray_address)
+
     @property
     def auth_enabled(self) -> bool:
         return bool(self.admin_keys or self.inference_keys)

@@ -1,0 +1,182 @@
+"""End to end on a real local Ray cluster: 2 replicas of a tiny BERT behind the service's HTTP API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+from http_testkit import BERT_TARGETS, make_adapter, peft_files
+
+pytestmark = pytest.mark.cluster
+
+TEXTS = ["hello world", "the quick brown fox"]
+
+
+def _name() -> str:
+    return f"c-{uuid.uuid4().hex[:8]}"
+
+
+def _upload(client, name: str, seed: int, overwrite: bool = False) -> dict:
+    r = client.put(f"/v1/adapters/{name}", params={"overwrite": overwrite},
+                   files=peft_files(make_adapter(BERT_TARGETS, seed=seed)))
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _embed(client, model: str) -> list[list[float]]:
+    r = client.post("/v1/embeddings", json={"model": model, "input": TEXTS})
+    assert r.status_code == 200, r.text
+    return [d["embedding"] for d in r.json()["data"]]
+
+
+def _close(a: list[list[float]], b: list[list[float]], tol: float = 1e-5) -> bool:
+    return all(abs(x - y) <= tol for va, vb in zip(a, b, strict=True) for x, y in zip(va, vb, strict=True))
+
+
+def _state(client) -> dict:
+    r = client.get("/v1/state")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def test_inference_across_replicas_equals_a_single_server(cluster, single) -> None:
+    client = cluster["client"]
+    names = [_name() for _ in range(10)]
+    for i, name in enumerate(names):
+        _upload(client, name, seed=i)
+        _upload(single, name, seed=i)
+    for name in [*names, "base"]:
+        assert _close(_embed(client, name), _embed(single, name)), name
+    replicas = _state(client)["replicas"]
+    assert len(replicas) == 2 and all("error" not in r for r in replicas)
+    assert all(r["requests_served"] > 0 for r in replicas)  # ten adapters: both replicas are home to some
+    for name in names:  # a second round is served warm, from the same home
+        _embed(client, name)
+    again = _state(client)["replicas"]
+    assert sum(r["cold_loads"] for r in again) == sum(r["cold_loads"] for r in replicas)
+
+
+def test_overwrite_is_never_answered_stale(cluster, single) -> None:
+    client, name = cluster["client"], _name()
+    _upload(client, name, seed=11)
+    old = _embed(client, name)
+    _upload(single, name, seed=12)
+    new = _embed(single, name)
+    assert not _close(old, new)
+    record = _upload(client, name, seed=12, overwrite=True)
+    assert record["version"] == 2
+    for _ in range(20):  # every request after the overwrite returned sees version 2
+        assert _close(_embed(client, name), new)
+
+
+def test_delete_then_404(cluster) -> None:
+    client, name = cluster["client"], _name()
+    _upload(client, name, seed=21)
+    _embed(client, name)
+    assert client.delete(f"/v1/adapters/{name}").status_code == 200
+    r = client.post("/v1/embeddings", json={"model": name, "input": TEXTS})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "unknown_adapter_error"
+
+
+def test_explicit_merge_reaches_every_replica_and_unmerge_undoes_it(cluster, single) -> None:
+    client, name = cluster["client"], _name()
+    _upload(client, name, seed=31)
+    _upload(single, name, seed=31)
+    r = client.post(f"/v1/adapters/{name}/merge")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["merged_adapter"] == name and body["pinned"]
+    assert [x["merged_adapter"] for x in body["replicas"]] == [name, name]
+    assert all(x["pinned"] for x in body["replicas"])
+    assert _close(_embed(client, name), _embed(single, name))  # merged or not, the same answer
+    assert _close(_embed(client, "base"), _embed(single, "base"))
+    r = client.post("/v1/unmerge")
+    assert r.status_code == 200 and r.json()["merged_adapter"] is None
+    state = client.get("/v1/state", params={"fingerprints": True}).json()
+    assert all(x["merged_adapter"] is None and x["fingerprint"] == x["pristine_fingerprint"]
+               for x in state["replicas"])
+
+
+def test_metrics_cover_every_replica(cluster) -> None:
+    client = cluster["client"]
+    _embed(client, "base")
+    ids = {r["replica"] for r in _state(client)["replicas"]}
+    text = client.get("/metrics").text
+    assert "lora_http_requests_total" in text
+    for rid in ids:
+        assert f'replica="{rid}"' in text
+
+
+def test_killed_replica_is_restarted_and_requests_continue(cluster) -> None:
+    client, name = cluster["client"], _name()
+    _upload(client, name, seed=41)
+    assert client.post(f"/v1/adapters/{name}/merge").status_code == 200  # the pin must survive the restart
+    before = _state(client)["replicas"]
+    victim = before[0]
+    results: list[tuple[int, dict | None]] = []
+    stop = threading.Event()
+
+    def load() -> None:  # 4 clients, one request at a time each: at most 4 in flight anywhere
+        import httpx
+
+        with httpx.Client(base_url=str(client.base_url), headers=dict(client.headers), timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/v1/embeddings", json={"model": name if len(results) % 2 else "base", "input": TEXTS})
+                results.append((r.status_code, r.json() if r.status_code != 200 else None))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = len(results)
+
+        def recovered() -> list | None:
+            replicas = _state(client)["replicas"]
+            fresh = [r for r in replicas if "error" not in r]
+            ids = {r["replica"] for r in fresh}
+            return fresh if len(fresh) == 2 and victim["replica"] not in ids else None
+
+        replicas = _wait(recovered, 60, "the killed replica to be replaced")
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    failures = [(s, b) for s, b in results if s != 200]
+    assert len(results) > killed_at + 10  # requests went on during and after the restart
+    assert len(failures) <= 4, failures  # at most the ones in flight on the killed replica
+    for status, body in failures:
+        assert status >= 500 and set(body["error"]) == {"message", "type", "key"}
+    assert all(r["merged_adapter"] == name for r in replicas)  # the new replica applied the pin
+    assert client.post("/v1/unmerge").status_code == 200
+
+
+def test_full_restart_keeps_the_adapters(cluster) -> None:
+    from ray import serve
+
+    from service.cluster.launch import deploy
+
+    client, name = cluster["client"], _name()
+    _upload(client, name, seed=51)
+    before = _embed(client, name)
+    serve.shutdown()
+    deploy(cluster["settings"])
+    assert _close(_embed(client, name), before)
+    listed = client.get("/v1/adapters", params={"limit": 1000}).json()["data"]
+    assert name in {a["name"] for a in listed}

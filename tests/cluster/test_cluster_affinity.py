@@ -1,0 +1,105 @@
+"""Placement by rendezvous hashing, keys, the pins record and the merged /metrics (no Ray needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+from service.cluster.affinity import adapter_key, control_id, control_target, parse_key, placement, rendezvous_order
+from service.cluster.metrics_merge import merge_metrics
+from service.cluster.store_view import PinsFile
+from service.metrics import Metrics
+from service.settings import Settings
+
+REPLICAS = [f"r{i}" for i in range(4)]
+KEYS = [adapter_key(f"a{i}", f"{i:064x}") for i in range(400)]
+
+
+def test_single_server_never_imports_ray() -> None:
+    code = "import sys, service.app, service.cli; assert 'ray' not in sys.modules, 'ray was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_keys_round_trip_and_control_ids() -> None:
+    assert parse_key(adapter_key("support", "ab" * 32)) == ("support", "ab" * 32)
+    assert parse_key("base") == ("base", None)
+    assert control_target(control_id("x1")) == "x1" and control_target("a@" + "0" * 64) is None
+
+
+def test_rendezvous_spreads_keys_evenly_and_deterministically() -> None:
+    homes = Counter(rendezvous_order(k, REPLICAS)[0] for k in KEYS)
+    assert set(homes) == set(REPLICAS) and min(homes.values()) > 400 / 4 * 0.7
+    assert rendezvous_order(KEYS[0], REPLICAS) == rendezvous_order(KEYS[0], reversed(REPLICAS))
+
+
+def test_removing_a_replica_moves_only_its_keys() -> None:
+    before = {k: rendezvous_order(k, REPLICAS)[0] for k in KEYS}
+    after = {k: rendezvous_order(k, REPLICAS[:-1])[0] for k in KEYS}
+    moved = {k for k in KEYS if before[k] != after[k]}
+    assert moved == {k for k in KEYS if before[k] == "r3"}  # the rest of every cache stays warm
+
+
+def test_a_busy_home_shares_with_its_second_choice_only() -> None:
+    key = KEYS[0]
+    home, second, *rest = rendezvous_order(key, REPLICAS)
+    stay, share = [[home], [second], rest], [[home, second], rest]
+    assert placement(key, REPLICAS, {home: 3}, spill_at=4) == stay  # a short queue
+    assert placement(key, REPLICAS, {home: 4}, spill_at=4) == share  # busy, above the mean, twice the second's
+    even = {r: 8 for r in REPLICAS}  # a steady load queues everywhere: every key stays home
+    assert placement(key, REPLICAS, even, spill_at=4) == stay
+    assert placement(key, REPLICAS, {**even, home: 10}, spill_at=4) == stay  # within the slack of the mean
+    # Busy, but a cold key would cost the second a load: it shares only once the home is far busier ...
+    assert placement(key, REPLICAS, {**even, home: 12}, spill_at=4) == stay
+    assert placement(key, REPLICAS, {**even, home: 20}, spill_at=4) == share
+    # ... or at once if the second holds the key already.
+    assert placement(key, REPLICAS, {**even, home: 12}, spill_at=4, resident={second: {key}}) == share
+    assert placement(key, ["solo"], {}, spill_at=1) == [["solo"]]
+
+
+def test_a_home_devoted_to_a_hot_adapter_sends_the_others_to_their_second_choice() -> None:
+    key = KEYS[0]
+    home, second, *rest = rendezvous_order(key, REPLICAS)
+    hot = next(k for k in KEYS[1:] if rendezvous_order(k, REPLICAS)[0] == home)
+    guest = next(k for k in KEYS[1:] if rendezvous_order(k, REPLICAS)[0] != home)
+    devoted = {home: hot}
+    # A replica busy with another replica's hot adapter (as its second choice) is not devoted to it.
+    assert placement(key, REPLICAS, {home: 8, second: 8}, spill_at=4, dominant={home: guest}) == [[home], [second],
+                                                                                                    rest]
+    assert placement(key, REPLICAS, {home: 8, second: 8}, spill_at=4, dominant=devoted) == [[second], [home], rest]
+    assert placement(key, REPLICAS, {home: 2}, spill_at=4, dominant=devoted) == [[second], [home], rest]
+    assert placement(key, REPLICAS, {home: 2, second: 9}, spill_at=4, dominant=devoted) == [[home], [second], rest]
+    # The hot adapter stays on the home devoted to it, and spreads only when that home is far busier.
+    assert placement(key, REPLICAS, {home: 12, second: 8}, spill_at=4, dominant={home: key}) == [[home], [second],
+                                                                                                   rest]
+    assert placement(key, REPLICAS, {home: 20, second: 8}, spill_at=4, dominant={home: key}) == [[home, second],
+                                                                                                   rest]
+
+
+def test_pins_record_is_replaced_atomically(tmp_path) -> None:
+    pins = PinsFile(tmp_path)
+    assert pins.read() == {"merged": None, "seq": 0}
+    pins.write("support")
+    assert pins.read() == {"merged": "support", "seq": 1}
+    pins.write(None)
+    assert pins.read() == {"merged": None, "seq": 2}
+    assert [p.name for p in (tmp_path / "cluster").iterdir()] == ["pins.json"]
+
+
+def test_metrics_merge_labels_each_replica_and_keeps_http_from_the_ingress() -> None:
+    ingress, r1, r2 = Metrics(), Metrics(), Metrics()
+    ingress.requests.labels("POST", "/v1/embeddings", "200").inc(3)
+    r1.adapter_loads.labels(tier="device").inc(2)
+    r2.adapter_loads.labels(tier="device").inc(5)
+    text = merge_metrics(ingress.render(), [("r1", r1.render()), ("r2", r2.render())]).decode()
+    assert 'lora_http_requests_total{method="POST",route="/v1/embeddings",status="200"} 3.0' in text
+    assert 'lora_adapter_loads_total{replica="r1",tier="device"} 2.0' in text
+    assert 'lora_adapter_loads_total{replica="r2",tier="device"} 5.0' in text
+    assert text.count("# TYPE lora_adapter_loads_total counter") == 1
+
+
+def test_cluster_mode_settings() -> None:
+    assert not Settings().cluster_mode
+    assert Settings(replicas=2).cluster_mode and Settings(ray_address="127.0.0.1:6379").cluster_mode
+    settings = Settings(replicas=2, min_replicas=1, max_replicas=4, cluster_router="MULTIPLEX")
+    assert settings.cluster_router == "multiplex"
