@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import adapters as A  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_json  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from service.store import AdapterStore  # noqa: E402
+from service.storage import canonicalize, local_store  # noqa: E402
 
 N_ADAPTERS, ZIPF_S, CACHE, CONCURRENCY = 200, 1.1, 16, 16
 WORDS = "the quick brown fox jumps over a lazy dog while small adapters serve many tasks at once".split()
@@ -62,9 +62,9 @@ def adapter_bytes(seed: int) -> tuple[bytes, bytes]:
 
 
 def populate(store_dir: Path) -> None:
-    store = AdapterStore(store_dir)
+    store = local_store(store_dir)
     for i in range(N_ADAPTERS):
-        store.put(f"task-{i:03d}", A.weights_from_bytes(*adapter_bytes(i)))
+        store.put(f"task-{i:03d}", canonicalize(A.weights_from_bytes(*adapter_bytes(i))))
     store.close()
 
 

@@ -30,12 +30,17 @@ from service.settings import Settings
 __all__ = ["APP_NAME", "absolute", "build_application", "start_ray", "deploy", "run_cluster"]
 
 APP_NAME = "lora"
+DEFAULT_CLUSTER_STORE = Path("store") / "cluster"
 log = logging.getLogger("service.cluster")
 
 
 def absolute(settings: Settings) -> Settings:
+    """Paths made absolute (replicas may start in another directory). Without --store, the cluster's local parts
+    (the SQLite index and blobs unless --index-url / --blob-url say otherwise, and the pins record) live in
+    ./store/cluster."""
     base = str(Path(settings.base_model).resolve()) if settings.base_model else None
-    return settings.model_copy(update={"store": settings.store.resolve(), "base_model": base})
+    store = Path(settings.store) if settings.store is not None else DEFAULT_CLUSTER_STORE
+    return settings.model_copy(update={"store": store.resolve(), "base_model": base})
 
 
 def _scaling(settings: Settings) -> dict[str, Any]:

@@ -36,7 +36,8 @@ from service.cluster.affinity import BASE, adapter_key, control_id
 from service.cluster.routing import live_replica_ids, routing_stats
 from service.cluster.store_view import PinsFile, resolve
 from service.engine import CompletionChunk, CompletionRequest, EngineBusyError
-from service.engine.engine import MAX_DELTA
+from service.engine.identity import BASE_FINGERPRINT, AdapterRef, system_fingerprint
+from service.engine.weights import MAX_DELTA
 
 __all__ = ["ClusterEngine", "ReplicaUnavailableError", "ReplicaTimeoutError"]
 
@@ -124,7 +125,7 @@ class ClusterEngine:
                                 lambda h, key: h.complete.remote(dataclasses.replace(request, model=key)))
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
-        key = await self._key(request.model)
+        key, fingerprint = await self._resolve(request.model)
         _own_request_id()
         handle = self.replicas.options(stream=True, **self._mux(key))
         chunks = handle.stream.remote(dataclasses.replace(request, model=key))
@@ -140,6 +141,7 @@ class ClusterEngine:
                     raise ReplicaUnavailableError(f"the replica serving this stream failed: {exc}") from None
                 except RayTaskError as exc:
                     raise _unwrap(exc) from None
+                chunk.system_fingerprint = fingerprint  # the replica knows the sha256, not the version
                 yield chunk
         finally:
             chunks.cancel()
@@ -185,21 +187,29 @@ class ClusterEngine:
 
     # ------------------------------------------------------------------ internals
     async def _key(self, model: str) -> str:
+        return (await self._resolve(model))[0]
+
+    async def _resolve(self, model: str) -> tuple[str, str]:
+        """(replica key `name@sha256`, the system_fingerprint of that version); the base is ("base", "base")."""
         if model == BASE:
-            return BASE
-        return adapter_key(*await asyncio.to_thread(resolve, self.store, model))  # UnknownAdapterError -> 404
+            return BASE, BASE_FINGERPRINT
+        name, sha, version = await asyncio.to_thread(resolve, self.store, model)  # UnknownAdapterError -> 404
+        return adapter_key(name, sha), system_fingerprint(AdapterRef(name, version, sha))
 
     def _mux(self, key: str) -> dict[str, str]:
         return {"multiplexed_model_id": key} if self.by_adapter and key != BASE else {}
 
     async def _call(self, model: str, send: Callable[[Any, str], Any]) -> Any:
         for attempt in (1, 2):
-            key = await self._key(model)
+            key, fingerprint = await self._resolve(model)
             handle = self.replicas.options(**self._mux(key)) if self._mux(key) else self.replicas
             _own_request_id()
             response = send(handle, key)
             try:
-                return await asyncio.wait_for(response, self.timeout)
+                result = await asyncio.wait_for(response, self.timeout)
+                if hasattr(result, "system_fingerprint"):
+                    result.system_fingerprint = fingerprint  # the replica knows the sha256, not the version
+                return result
             except TimeoutError as exc:
                 response.cancel()
                 raise ReplicaTimeoutError(f"no replica answered within {self.timeout:g} s") from exc

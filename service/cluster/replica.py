@@ -43,7 +43,7 @@ def replica_class(cache_slots: int) -> type:
     class LoraReplica:
         async def __init__(self, settings: Any) -> None:
             self.settings = settings
-            self.store = PinnedStore(open_store(settings, writer=False))
+            self.store = PinnedStore(open_store(settings))
             self.pins = PinsFile(settings.store)
             self.metrics = Metrics()
             base = await asyncio.to_thread(load_base_model, settings.base_model, settings.device, settings.dtype,
@@ -109,7 +109,8 @@ def replica_class(cache_slots: int) -> type:
         async def _reconcile(self, *, strict: bool) -> None:
             """Make this replica's explicit merge match the pins record. `strict`: raise a refused merge."""
             want = self.pins.read().get("merged")
-            merged = self.engine.lm.merged_adapter  # read-only peek: no control item on the loop each poll
+            merged_ref = self.engine.weights.merged  # read-only peek: no control item on the loop each poll
+            merged = merged_ref.name if merged_ref is not None else None  # a key, name@sha256
             key = None
             if want is not None:
                 try:
@@ -117,9 +118,9 @@ def replica_class(cache_slots: int) -> type:
                 except UnknownAdapterError:
                     key = None  # the pinned adapter was deleted: nothing to merge
             try:
-                if key is None and self.engine.pinned:
+                if key is None and self.engine.weights.pinned:
                     await self.engine.unmerge()
-                elif key is not None and (merged != key or not self.engine.pinned):
+                elif key is not None and (merged != key or not self.engine.weights.pinned):
                     await self.engine.merge(key)
             except Exception:
                 if strict:
@@ -139,7 +140,8 @@ def replica_class(cache_slots: int) -> type:
                 current = self.store.key_of(name)
             except UnknownAdapterError:
                 current = None
-            cached = set(self.engine.resident) | set(self.engine.host_cache.names())
+            owner = self.engine.weights
+            cached = {ref.name for ref, _ in owner.tiers.resident.values()} | set(owner.host.names())
             for key in cached:
                 if parse_key(key)[0] == name and key != current:
                     self.engine.forget(key)

@@ -1,9 +1,8 @@
 """The only code in cluster mode that knows the store's API: open it, resolve a name, read one exact version.
 
-Today that is `service.store.AdapterStore` (SQLite index + blob directory on a path every replica can
-read). When the storage seam lands (`service.storage.open_store(settings)` with `resolve(name)` and a
-BlobStore), the three functions marked SEAM are the one-line changes; nothing else in service/cluster
-touches the store.
+It is `service.storage.open_store(settings)`: the embedded SQLite index and blob directory on a path every
+replica can read, or the shared PostgreSQL index and S3 blobs (`--index-url`, `--blob-url`). Opening a store
+deletes nothing (garbage collection has a grace period), so the ingress and every replica may open it.
 
 Replicas never ask "what does this name point at now": the ingress resolves the name once per request
 and sends `name@sha256`; `PinnedStore` (what a replica's Engine sees as its store) reads exactly that
@@ -26,35 +25,25 @@ from typing import Any
 
 from adapters import LoraWeights, UnknownAdapterError, weights_from_bytes
 from adapters.serialization import CONFIG_NAME, WEIGHTS_NAME
+from service import storage
 from service.cluster.affinity import adapter_key, parse_key
-from service.store import AdapterStore, adapter_digest
+from service.storage import AdapterStore, adapter_digest
 
 __all__ = ["open_store", "resolve", "read_version", "PinnedStore", "PinsFile"]
 
 
-class _ReaderStore(AdapterStore):
-    """Today's store without its start-up recovery: that removes tmp/ entries and blobs no row points at
-    yet, which are exactly an upload in progress in the ingress. Replicas only read."""
-
-    def _recover(self) -> None:
-        pass
+def open_store(settings: Any) -> AdapterStore:
+    return storage.open_store(settings)
 
 
-def open_store(settings: Any, *, writer: bool = True) -> AdapterStore:
-    """The ingress opens the writer (one process: it recovers after a crash); replicas open readers.
-    SEAM: becomes `service.storage.open_store(settings)` (its GC has a grace period, so any process may)."""
-    return AdapterStore(settings.store) if writer else _ReaderStore(settings.store)
-
-
-def resolve(store: Any, name: str) -> tuple[str, str]:
-    """(name, sha256) the name points at now; UnknownAdapterError (404) if none. SEAM: `store.resolve(name)`."""
-    record = store.get(name)
-    return record.name, record.sha256
+def resolve(store: Any, name: str) -> tuple[str, str, int]:
+    """(name, sha256, version) the name points at now; UnknownAdapterError (404) if none."""
+    record = store.resolve(name)
+    return record.name, record.sha256, record.version
 
 
 def _read_blob(store: Any, sha256: str, filename: str) -> bytes:
-    """SEAM: becomes `store.blobs.get(sha256, filename)` (raises FileNotFoundError alike)."""
-    return (store.blobs / sha256[:2] / sha256 / filename).read_bytes()
+    return store.blobs.get(sha256, filename)  # FileNotFoundError once the blob is gone
 
 
 def read_version(store: Any, name: str, sha256: str) -> LoraWeights:
@@ -72,6 +61,7 @@ def read_version(store: Any, name: str, sha256: str) -> LoraWeights:
 class _Version:
     name: str
     sha256: str
+    version: int = 0  # unknown on a replica: the ingress, which resolved the name, reports the version
 
 
 class PinnedStore:
@@ -80,20 +70,24 @@ class PinnedStore:
     def __init__(self, store: Any) -> None:
         self.store = store
 
-    def get(self, key: str) -> _Version:
+    def resolve(self, key: str) -> _Version:
         name, sha = parse_key(key)
         if sha is None:
             raise UnknownAdapterError(f"adapter {key!r} not found: a replica serves `name@sha256` keys", key=key)
         return _Version(key, sha)
 
-    def load_weights(self, key: str) -> LoraWeights:
+    get = resolve
+
+    def load_weights(self, ref: Any) -> LoraWeights:
+        key = ref if isinstance(ref, str) else ref.name
         name, sha = parse_key(key)
         if sha is None:
             raise UnknownAdapterError(f"adapter {key!r} not found", key=key)
         return read_version(self.store, name, sha)
 
     def key_of(self, name: str) -> str:
-        return adapter_key(*resolve(self.store, name))
+        name, sha, _ = resolve(self.store, name)
+        return adapter_key(name, sha)
 
     def close(self) -> None:
         self.store.close()
