@@ -17,6 +17,20 @@ import pytest
 from infra import PostgresServer, SeaweedS3Server, ServerUnavailable
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-backend", choices=("local", "shared"), default="local",
+                     help="shared: the service's route tests keep adapters in the real PostgreSQL + S3 servers")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("store_backend") != "shared":
+        return
+    skip = pytest.mark.skip(reason="inspects the embedded store (its files, location or start-up collection)")
+    for item in items:
+        if item.get_closest_marker("local_store"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     pytest.importorskip("psycopg", reason="psycopg is in the `shared` and `test` extras")

@@ -7,16 +7,44 @@ with `unique` and leaves nothing merged.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import http_testkit
 import pytest
 from fastapi.testclient import TestClient
 from http_testkit import ADMIN_KEY, bearer, build_bert, build_classifier, build_gpt2, make_settings
 
 from service.app import create_app
 from service.settings import Settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _store_backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    """`--store-backend shared`: the apps below keep adapters in the real PostgreSQL + S3 servers (tests/conftest.py),
+    so the same route tests run against the shared store too. Without the servers, those runs skip, with why."""
+    if request.config.getoption("store_backend") != "shared":
+        yield
+        return
+    postgres_url, s3 = request.getfixturevalue("postgres_url"), request.getfixturevalue("s3_settings")
+    saved = {k: os.environ.get(k) for k in _AWS}
+    os.environ.update({var: str(s3[key]) for var, key in _AWS.items()})
+    http_testkit.SHARED_STORE = {"postgres_url": postgres_url, "bucket": s3["bucket"]}
+    try:
+        yield
+    finally:
+        http_testkit.SHARED_STORE = None
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+_AWS = {"AWS_ENDPOINT_URL": "endpoint_url", "AWS_ACCESS_KEY_ID": "access_key_id",
+        "AWS_SECRET_ACCESS_KEY": "secret_access_key", "AWS_DEFAULT_REGION": "region", "AWS_REGION": "region"}
 
 
 @pytest.fixture(scope="session")

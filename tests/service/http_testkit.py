@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -31,10 +32,20 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+# Under `pytest --store-backend shared` (tests/service/conftest.py fills it in): every app of these tests keeps
+# its adapters in a fresh PostgreSQL database and a fresh S3 prefix instead of the embedded store.
+SHARED_STORE: dict | None = None  # {"postgres_url": ..., "bucket": ...}
+
+
 def make_settings(base: Path, store: Path, **overrides) -> Settings:
     """Auth on (both roles), CPU, a 1 ms batching window so single requests do not wait."""
     values = dict(base_model=str(base), store=store, admin_keys=[ADMIN_KEY], inference_keys=[INFERENCE_KEY],
                   max_wait_ms=1.0, device="cpu")
+    if SHARED_STORE is not None:
+        from infra import create_database
+
+        values.update(index_url=create_database(SHARED_STORE["postgres_url"]),
+                      blob_url=f"s3://{SHARED_STORE['bucket']}/t-{uuid.uuid4().hex[:12]}")
     values.update(overrides)
     return Settings(**values)
 

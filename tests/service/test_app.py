@@ -14,6 +14,7 @@ from http_testkit import ADMIN_KEY, GPT2_TARGETS, bearer, make_adapter, make_set
 from service.app import create_app
 
 
+@pytest.mark.local_store
 def test_restart_on_the_same_store(model_dirs, tmp_path: Path):
     settings = make_settings(model_dirs["gpt2"], tmp_path)
     request = {"model": "kept", "prompt": "hello", "max_tokens": 5, "temperature": 0, "logprobs": 1}

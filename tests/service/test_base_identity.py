@@ -18,6 +18,8 @@ from service.base_identity import IDENTITY_KEY, BaseIdentity, base_identity, def
 from service.base_model import load_base_model
 from service.storage import ForeignStoreError, canonicalize, local_store
 
+pytestmark = pytest.mark.local_store  # inspects the embedded store's files
+
 
 def _identity(path: Path, dtype: str = "float32") -> BaseIdentity:
     base = load_base_model(str(path), "cpu", dtype)

@@ -32,6 +32,7 @@ def _upload(client: TestClient, name: str, weights: LoraWeights) -> dict:
     return r.json()
 
 
+@pytest.mark.local_store
 def test_state_when_nothing_is_merged(bert_client: TestClient):
     state = _state(bert_client)
     assert state["merged_adapter"] is None and state["mode"] == "unmerged"

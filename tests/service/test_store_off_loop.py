@@ -41,6 +41,7 @@ class OffLoop:
         return call
 
 
+@pytest.mark.local_store
 def test_no_store_call_runs_on_the_event_loop(model_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls: list[str] = []
     on_loop: list[str] = []
