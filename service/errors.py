@@ -205,10 +205,10 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     errors = exc.errors()
     first = errors[0] if errors else {}
     content_type = request.headers.get("content-type")
-    if (first.get("type") in _NOT_AN_OBJECT and tuple(first.get("loc", ())) == ("body",) and content_type
-            and not _is_json(content_type)):
+    if first.get("type") in _NOT_AN_OBJECT and tuple(first.get("loc", ())) == ("body",) and not _is_json(content_type):
+        got = repr(content_type) if content_type else "no Content-Type"
         message = (f"the request body must be JSON sent with the header Content-Type: application/json (got "
-                   f"{content_type!r}); with curl, add -H 'Content-Type: application/json'")
+                   f"{got}); with curl, add -H 'Content-Type: application/json'")
         return JSONResponse(_body(message, "unsupported_media_type", "unsupported_content_type"), status_code=415)
     if first.get("type") == "json_invalid":  # the body is not JSON: loc holds a character offset, not a field
         position = first.get("loc", ("body", "?"))[-1]

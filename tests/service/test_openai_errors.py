@@ -78,6 +78,16 @@ def test_a_json_body_without_its_content_type_is_told_to_send_it(bert_client: Te
                             ).status_code == 200
 
 
+def test_a_json_body_with_no_content_type_at_all_is_told_to_send_it(bert_client: TestClient):
+    """What a raw HTTP client sends when it is given bytes and no header (httpx's `content=`, for one)."""
+    body = json.dumps({"model": "base", "input": "hello"}).encode()
+    request = bert_client.build_request("POST", "/v1/embeddings", content=body)
+    assert "content-type" not in request.headers
+    r = bert_client.send(request)
+    assert r.status_code == 415, r.text
+    assert "no Content-Type" in r.json()["error"]["message"]
+
+
 def test_up_to_20_top_logprobs(gpt2_client: TestClient):
     r = gpt2_client.post("/v1/completions", json={"model": "base", "prompt": "hello", "max_tokens": 2,
                                                   "temperature": 0, "logprobs": 20})
