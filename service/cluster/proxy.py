@@ -29,15 +29,14 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.context import _set_request_context
 from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
-from adapters import LoraWeights, UnknownAdapterError, validate_adapter
-from adapters.validation import model_index
+from adapters import UnknownAdapterError
 from service.base_model import LoadedBase
 from service.cluster.affinity import BASE, adapter_key, control_id
 from service.cluster.routing import live_replica_ids, routing_stats
 from service.cluster.store_view import PinsFile, resolve
 from service.engine import CompletionChunk, CompletionRequest, EngineBusyError
 from service.engine.identity import BASE_FINGERPRINT, AdapterRef, system_fingerprint
-from service.engine.weights import MAX_DELTA
+from service.engine.weights import BaseValidator
 
 __all__ = ["ClusterEngine", "ReplicaUnavailableError", "ReplicaTimeoutError"]
 
@@ -73,7 +72,7 @@ class ClusterEngine:
     def __init__(self, settings: Any, base: LoadedBase, store: Any, replicas: Any, deployment: str) -> None:
         self.settings, self.base, self.store = settings, base, store
         self.replicas, self.deployment = replicas, deployment
-        self.index = model_index(base.model)
+        self.validate = BaseValidator(base, settings.max_rank)  # as a single server's Engine.validate
         self.pins = PinsFile(settings.store)
         self.by_adapter = settings.cluster_router != "spread"  # spread: Ray places requests ignoring the adapter
         self.timeout = settings.cluster_request_timeout_s
@@ -91,11 +90,6 @@ class ClusterEngine:
             await self.replica_ids()
         except Exception as exc:  # noqa: BLE001 - the first request will try again
             log.warning("no replica answered yet: %s", exc)
-
-    def validate(self, weights: LoraWeights) -> LoraWeights:
-        """As Engine.validate, against the ingress's copy of the base (it serves no requests)."""
-        return validate_adapter(self.base.model, weights, max_rank=self.settings.max_rank,
-                                allow_detached=self.base.task != "classify", max_delta=MAX_DELTA, index=self.index)
 
     def prefetch(self, name: str) -> None:
         """Nothing: the replica an adapter's requests go to loads it on first use, off its batching loop."""

@@ -32,7 +32,7 @@ from service.engine.identity import AdapterRef
 from service.engine.policy import MergePolicy
 from service.engine.tiers import AdapterTiers
 
-__all__ = ["MAX_DELTA", "WeightOwner"]
+__all__ = ["MAX_DELTA", "BaseValidator", "WeightOwner"]
 
 # The largest |s·B·A| entry an uploaded adapter may add to a weight. Trained deltas are small next to the
 # weights (well under 1); one of 10^4 can only overflow activations, or wreck the model, so it is refused.
@@ -50,10 +50,25 @@ class _Work(Protocol):  # a WorkItem or a budget.Part: what residency and the po
     def fail(self, exc: BaseException) -> None: ...
 
 
+class BaseValidator:
+    """Full validation of an adapter against the bare base (every key, shape, rank, finite values, the delta
+    bound), callable from any thread: it reads a snapshot of the base's module tree, taken once, since the loop
+    thread may be wrapping layers meanwhile. Conflicts with the adapters resident at the time are checked when
+    one is added, on the loop thread."""
+
+    def __init__(self, base: LoadedBase, max_rank: int) -> None:
+        self.base, self.max_rank = base, max_rank
+        self.index = model_index(base.model)
+
+    def __call__(self, weights: LoraWeights) -> LoraWeights:
+        return validate_adapter(self.base.model, weights, max_rank=self.max_rank,
+                                allow_detached=self.base.task != "classify", max_delta=MAX_DELTA, index=self.index)
+
+
 class WeightOwner:
     def __init__(self, base: LoadedBase, config: EngineConfig, store: Any, metrics: Any = None) -> None:
         self.base, self.config, self.metrics = base, config, metrics
-        self.index = model_index(base.model)  # the bare base's tree, for validation in any thread
+        self.validate = BaseValidator(base, config.max_rank)  # any thread
         self.lm = LoraModel(base.model, max_rank=config.max_rank, fused_merges=config.merge_kernel == "auto")
         self.lock = threading.RLock()
         self.tiers = AdapterTiers(self.lm, base, config, store, self.validate, metrics)
@@ -66,12 +81,6 @@ class WeightOwner:
     @property
     def host(self) -> HostCache:
         return self.tiers.host
-
-    def validate(self, weights: LoraWeights) -> LoraWeights:
-        """Against the bare base (a snapshot: the loop thread may be wrapping layers meanwhile). Conflicts
-        with the adapters resident at the time are checked when one is added, on the loop thread."""
-        return validate_adapter(self.base.model, weights, max_rank=self.config.max_rank,
-                                allow_detached=self.base.task != "classify", max_delta=MAX_DELTA, index=self.index)
 
     def load(self, ref: AdapterRef) -> LoraWeights:
         """Worker thread: the validated weights of exactly `ref` (host cache, else the store by its record)."""
