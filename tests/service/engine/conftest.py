@@ -3,7 +3,9 @@ tokenizer trained here on a few sentences) and PEFT-format adapters for them. No
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,3 +107,18 @@ def bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     return tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+async def hold_loop(scheduler) -> threading.Event:
+    """Block the loop thread in a control item until the returned event is set, and return only once it is
+    blocked there: from then on, whatever is queued waits, and the queue holds nothing but it."""
+    inside, hold = threading.Event(), threading.Event()
+
+    def block() -> None:
+        inside.set()
+        hold.wait(30)
+
+    scheduler.call_soon(block)
+    await asyncio.to_thread(inside.wait, 30)
+    return hold
+

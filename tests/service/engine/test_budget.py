@@ -16,6 +16,7 @@ from service.engine import scheduler as loop_module
 from service.engine.budget import SMALL_WIDTH, RowQueue, plan
 from service.engine.requests import EmbedResult
 from service.settings import Settings
+from tests.service.engine.conftest import hold_loop
 from tests.service.engine.test_engine import make_engine
 
 WORDS = "the quick brown fox jumps over the lazy dog while adapters stay small and fast".split()
@@ -302,8 +303,7 @@ def test_prefill_in_budget_groups_gives_the_same_tokens(gpt2_dir, monkeypatch):
         await engine.start()
         alone = [await engine.complete(CompletionRequest(**r)) for r in requests]
         engine.scheduler.decoder.join = recording_join
-        hold = threading.Event()
-        engine.scheduler.call_soon(lambda: hold.wait(30))  # the loop waits until all six are queued: one group of six
+        hold = await hold_loop(engine.scheduler)  # the loop waits until all six are queued: one group of six
         together = asyncio.gather(*[engine.complete(CompletionRequest(**r)) for r in requests])
         while engine.scheduler.queue.qsize() < len(requests):
             await asyncio.sleep(0.005)

@@ -7,7 +7,6 @@ never called) is never served stale, a request that resolved the old version get
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from service.engine import AdapterChangedError, Engine, load_base_model
 from service.engine.identity import AdapterRef
 from service.storage import canonicalize, local_store
-from tests.service.engine.conftest import DictStore, random_adapter, settings
+from tests.service.engine.conftest import DictStore, hold_loop, random_adapter, settings
 
 TARGETS = ["query", "value", "dense"]
 
@@ -84,8 +83,7 @@ def test_a_request_that_resolved_the_old_version_gets_it_whole(bert_dir, tmp_pat
         await engine.start()
         try:
             await engine.embed("a0", ["warm"])  # v1 resident: the request carries no copy of its own
-            hold = threading.Event()
-            engine.scheduler.call_soon(hold.wait)
+            hold = await hold_loop(engine.scheduler)
             pending = asyncio.ensure_future(engine.embed("a0", texts))
             while engine.scheduler.queue.qsize() == 0:
                 await asyncio.sleep(0.005)
@@ -116,8 +114,7 @@ def test_a_request_whose_version_is_gone_before_it_runs_gets_409(bert_dir, tmp_p
         await engine.start()
         try:
             await engine.embed("a0", ["warm"])
-            hold = threading.Event()
-            engine.scheduler.call_soon(hold.wait)
+            hold = await hold_loop(engine.scheduler)
             pending = asyncio.ensure_future(engine.embed("a0", ["x"]))
             while engine.scheduler.queue.qsize() == 0:
                 await asyncio.sleep(0.005)
