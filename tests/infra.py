@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerUnavailable", "PostgresServer", "SeaweedS3Server", "free_port", "create_database",
+__all__ = ["ServerUnavailable", "PostgresServer", "SeaweedS3Server", "free_port", "wait_http_ready", "create_database",
            "make_postgres_index", "make_s3_blobs"]
 
 PG_BIN = Path(os.environ.get("LORA_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -40,6 +40,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def wait_http_ready(url: str, proc: subprocess.Popen, timeout_s: float, log=lambda: "") -> None:
+    """Poll GET {url}/readyz until it answers 200 (a service started by a test); an AssertionError, with `log()`,
+    if the process exits first or `timeout_s` runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"the service exited with {proc.returncode}:\n{log()}"
+        assert time.monotonic() < deadline, f"the service was not ready within {timeout_s:.0f} s:\n{log()}"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float, what: str) -> None:

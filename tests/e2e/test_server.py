@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 from http_testkit import GPT2_TARGETS, build_gpt2, make_adapter, peft_files  # noqa: E402
+from infra import free_port, wait_http_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -29,17 +28,11 @@ ADMIN, INFER = "e2e-admin-key-0123456789", "e2e-infer-key-0123456789"
 READY_TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("e2e")
     base = build_gpt2(root / "gpt2")
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "w+b")  # noqa: SIM115 - closed in the finally
     env = {**os.environ, "LORA_ADMIN_KEYS": ADMIN, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -48,18 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{_tail(log)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {READY_TIMEOUT_S}s:\n{_tail(log)}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_http_ready(url, proc, READY_TIMEOUT_S, lambda: _tail(log))
         yield url
         proc.send_signal(signal.SIGTERM)  # graceful: the lifespan stops the engine and closes the store
         # uvicorn re-raises the signal once it has shut down, so -SIGTERM is a clean exit too

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from infra import create_database, free_port
+from infra import create_database, free_port, wait_http_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 from http_testkit import BERT_TARGETS, build_bert, make_adapter, peft_files  # noqa: E402
@@ -51,16 +51,7 @@ class Server:
         return self.log_path.read_text(errors="replace")[-tail:]
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}:\n{self.log()}"
-            assert time.monotonic() < deadline, f"server not ready after {READY_TIMEOUT_S} s:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_http_ready(self.url, self.proc, READY_TIMEOUT_S, self.log)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -10,13 +10,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from infra import free_port, wait_http_ready
 
 from adapters import LoraConfig, LoraWeights, save_peft_dir
 from lora_train.cli import main
@@ -169,17 +169,11 @@ def test_overwrite_lets_an_existing_name_through_the_check(stub, adapter_dir):
     assert [r["auth"] for r in _Stub.seen] == ["Bearer k", "Bearer k"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.e2e
 def test_train_upload_and_classify_in_a_running_service(tiny_bert_dir, classify_files, tmp_path, capsys):
     if importlib.util.find_spec("service.__main__") is None:
         pytest.skip("the service package (python -m service) is not available")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "service.log").open("w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -190,7 +184,7 @@ def test_train_upload_and_classify_in_a_running_service(tiny_bert_dir, classify_
     headers = {"Authorization": f"Bearer {KEY}"}
     try:
         train_file, eval_file = classify_files
-        _wait_ready(url, proc, 120)
+        wait_http_ready(url, proc, 120)
         code = main(["--base-model", str(tiny_bert_dir), "--data", str(train_file), "--eval", str(eval_file),
                      "--out", str(tmp_path / "adapter"), "--epochs", "5", "--lr", "3e-2", "--no-progress",
                      "--upload", url, "--name", "fruit-vs-vehicles", "--api-key", KEY])
@@ -215,15 +209,3 @@ def test_train_upload_and_classify_in_a_running_service(tiny_bert_dir, classify_
         log.close()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the service exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"the service was not ready within {timeout:.0f}s")
