@@ -112,6 +112,11 @@ class AdapterIndex(Protocol):
     def set_meta_if_absent(self, key: str, value: str) -> str:
         """Set the fact unless it is set already; returns the value now in force."""
 
+    def compare_and_set_meta(self, key: str, expected: str | None, value: str) -> bool:
+        """Set the fact to `value` only if it is `expected` now (None: only if it is not set), atomically;
+        True if it was set. A small updatable record that several processes share (e.g. the cluster's
+        merge pins): read it, compute the next value, and try again when another writer came first."""
+
     def close(self) -> None: ...
 
 

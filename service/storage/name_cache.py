@@ -120,6 +120,9 @@ class CachedIndex:
     def set_meta_if_absent(self, key: str, value: str) -> str:
         return self.index.set_meta_if_absent(key, value)
 
+    def compare_and_set_meta(self, key: str, expected: str | None, value: str) -> bool:
+        return self.index.compare_and_set_meta(key, expected, value)
+
     # ------------------------------------------------------------------ writes
     def put(self, new: NewAdapter, *, overwrite: bool) -> tuple[AdapterRecord, AdapterRecord | None]:
         try:

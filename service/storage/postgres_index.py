@@ -173,6 +173,14 @@ class PostgresIndex:
 
         return self._run(run, write=True)
 
+    def compare_and_set_meta(self, key: str, expected: str | None, value: str) -> bool:
+        if expected is None:  # one statement each: the row lock (or the key's uniqueness) settles a race
+            sql, params = "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING RETURNING 1", \
+                (key, value)
+        else:
+            sql, params = "UPDATE meta SET value = %s WHERE key = %s AND value = %s RETURNING 1", (value, key, expected)
+        return self._run(lambda c: c.execute(sql, params).fetchone(), write=True) is not None
+
     # ------------------------------------------------------------------ writes
     def put(self, new: NewAdapter, *, overwrite: bool) -> tuple[AdapterRecord, AdapterRecord | None]:
         record, old, seq = self._run(lambda c: self._put(c, new, overwrite), write=True)

@@ -1,6 +1,6 @@
 """The PostgreSQL index's schema, as numbered migrations applied once per database.
 
-    meta       key -> value                          store-wide facts (the base model's identity, ...)
+    meta       key -> value                          store-wide facts (the base model's identity, the cluster's pins)
     adapters   name -> version, sha256, ...          what each name points at now
     versions   name -> last version ever given       so a version is never reused, even after a delete
     changes    seq (BIGSERIAL) -> name               one row per put/delete; `changes_since`, NOTIFY payloads

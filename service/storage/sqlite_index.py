@@ -4,7 +4,7 @@
     versions  name -> last version ever given                      (so versions never repeat after a delete)
     changes   seq -> name, at                                      (every put and delete, for changes_since)
     orphans   sha256 -> since                                      (lost its last row at `since`, Unix seconds)
-    meta      key -> value                                         (store-wide facts: the base identity)
+    meta      key -> value                                         (store-wide facts: base identity, cluster pins)
 
 An index.sqlite3 written by earlier versions is migrated in place: the new tables are created if absent,
 nothing else changes. Writes take SQLite's write lock first (BEGIN IMMEDIATE), so two processes sharing the
@@ -152,6 +152,14 @@ class SqliteIndex:
         with self._lock, self._transaction():
             self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
             return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+    def compare_and_set_meta(self, key: str, expected: str | None, value: str) -> bool:
+        with self._lock, self._transaction():  # BEGIN IMMEDIATE: no other process writes between read and write
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            if (row[0] if row else None) != expected:
+                return False
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            return True
 
     # ------------------------------------------------------------------ internals
     def _is_referenced(self, sha256: str) -> bool:

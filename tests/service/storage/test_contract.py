@@ -134,6 +134,38 @@ def test_meta_is_set_once(index: AdapterIndex):
     assert index.get_meta("base_identity") == "one"
 
 
+def test_meta_compare_and_set(index: AdapterIndex):
+    assert index.compare_and_set_meta("pins", "x", "a") is False  # not set: only expected=None sets it
+    assert index.compare_and_set_meta("pins", None, "a") is True
+    assert index.compare_and_set_meta("pins", None, "b") is False
+    assert index.compare_and_set_meta("pins", "b", "c") is False
+    assert index.get_meta("pins") == "a"
+    assert index.compare_and_set_meta("pins", "a", "b") is True
+    assert index.get_meta("pins") == "b" and index.get_meta("other") is None
+
+
+def test_concurrent_compare_and_set_loses_no_update(index_spec):
+    indexes = [open_index(*index_spec) for _ in range(2)]  # as two processes would
+
+    def bump(index: AdapterIndex) -> None:
+        for _ in range(15):
+            while True:
+                current = index.get_meta("counter")
+                if index.compare_and_set_meta("counter", current, str(int(current or 0) + 1)):
+                    break
+
+    threads = [threading.Thread(target=bump, args=(ix,)) for ix in indexes for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert indexes[0].get_meta("counter") == "60"
+    finally:
+        for ix in indexes:
+            ix.close()
+
+
 def test_two_connections_see_each_other(index: AdapterIndex, index_spec):
     other = open_index(*index_spec)
     try:

@@ -44,6 +44,13 @@ def test_is_an_adapter_index(two_servers):
     assert isinstance(two_servers[1], AdapterIndex)
 
 
+def test_meta_goes_straight_to_the_index(two_servers):
+    writer, reader = two_servers
+    assert reader.compare_and_set_meta("pins", None, "a") and writer.get_meta("pins") == "a"
+    assert writer.compare_and_set_meta("pins", "a", "b") and reader.get_meta("pins") == "b"  # never cached
+    assert not reader.compare_and_set_meta("pins", "a", "c") and reader.get_meta("pins") == "b"
+
+
 def test_gets_are_served_from_the_cache(two_servers):
     writer, reader = two_servers
     rec, _ = writer.put(new("a"), overwrite=False)
