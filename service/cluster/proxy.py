@@ -12,8 +12,10 @@ streams already under way can fail with their replica. A key whose blob vanished
 load (an overwrite or delete in between) is resolved once more.
 
 Admin calls reach every replica, one call each (routing.py): state, metrics, and "reconcile" after the
-pins record changed. The pins record itself (store_view.PinsFile) is the durable truth a restarted
-replica reads, so a replica the fan-out missed still converges within `cluster_pin_poll_s`.
+pins record changed. The pins record itself (store_view.ClusterPins, in the store's index) is the durable
+truth a restarted replica reads, so a replica the fan-out missed still converges within
+`cluster_pin_poll_s`. With several ingresses, each writes the record by compare-and-set, so a merge's
+rollback or a delete's unpin never undoes what another ingress pinned meanwhile.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from adapters import UnknownAdapterError
 from service.base_model import LoadedBase
 from service.cluster.affinity import BASE, adapter_key, control_id
 from service.cluster.routing import live_replica_ids, routing_stats
-from service.cluster.store_view import PinsFile, resolve
+from service.cluster.store_view import ClusterPins, resolve
 from service.engine import CompletionChunk, CompletionRequest, EngineBusyError
 from service.engine.identity import BASE_FINGERPRINT, AdapterRef, system_fingerprint
 from service.engine.weights import BaseValidator
@@ -73,7 +75,7 @@ class ClusterEngine:
         self.settings, self.base, self.store = settings, base, store
         self.replicas, self.deployment = replicas, deployment
         self.validate = BaseValidator(base, settings.max_rank)  # as a single server's Engine.validate
-        self.pins = PinsFile(settings.store)
+        self.pins = ClusterPins(store)
         self.by_adapter = settings.cluster_router != "spread"  # spread: Ray places requests ignoring the adapter
         self.timeout = settings.cluster_request_timeout_s
         self._tasks: set[asyncio.Task] = set()
@@ -99,13 +101,18 @@ class ClusterEngine:
         pins follow (a deleted pin is dropped; an overwritten one moves to the new version, as on one
         server) and replicas drop the old version from their caches."""
         async def follow() -> None:
-            if not replaced and self.pins.read().get("merged") == name:
-                self.pins.write(None)
+            if not replaced:
+                await asyncio.to_thread(self._unpin, name)
             await self.fanout("forget", name)
 
         task = asyncio.get_running_loop().create_task(follow())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _unpin(self, name: str) -> None:
+        current = self.pins.read()
+        if current.get("merged") == name:
+            self.pins.write(None, only_if=current)
 
     async def embed(self, model: str, texts: list[str], *, prompt: str | None = None,
                     prompt_name: str | None = None) -> Any:
@@ -142,17 +149,16 @@ class ClusterEngine:
 
     async def merge(self, name: str) -> dict:
         await self._key(name)  # 404 before anything changes
-        previous = self.pins.read().get("merged")
-        self.pins.write(name)
+        previous, mine = await asyncio.to_thread(self.pins.swap, name)
         failures = [r for _, r in await self.fanout("reconcile") if isinstance(r, BaseException)]
         if failures:  # e.g. a merge that would overflow (422): put the pins back as they were, everywhere
-            self.pins.write(previous)
+            await asyncio.to_thread(self.pins.write, previous.get("merged"), only_if=mine)  # unless re-pinned since
             await self.fanout("reconcile")
             raise failures[0]
         return await self.state(fingerprints=False)
 
     async def unmerge(self) -> dict:
-        self.pins.write(None)
+        await asyncio.to_thread(self.pins.write, None)
         await self.fanout("reconcile")
         return await self.state(fingerprints=False)
 
@@ -160,6 +166,7 @@ class ClusterEngine:
         """The cluster's state, then each replica's under "replicas" (merged adapter, resident adapters,
         cold loads so far, requests served). The top level shows a merge only if every replica has it."""
         answers = await self.fanout("state", fingerprints)
+        pinned = (await asyncio.to_thread(self.pins.read)).get("merged") is not None
         replicas = [r if not isinstance(r, BaseException) else {"replica": rid, "error": str(_unwrap(r))}
                     for rid, r in answers]
         ok = [r for r in replicas if "error" not in r]
@@ -170,7 +177,7 @@ class ClusterEngine:
             values = {r.get(field) for r in ok}
             return values.pop() if len(values) == 1 else None
 
-        return {"merged_adapter": common, "pinned": self.pins.read().get("merged") is not None,
+        return {"merged_adapter": common, "pinned": pinned,
                 "mode": "merged" if common is not None else "unmerged",
                 "merge_policy": {"policy": self.settings.merge_policy, "applied": "per replica"},
                 "resident_adapters": sorted({a for r in ok for a in r["resident_adapters"]}),

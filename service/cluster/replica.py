@@ -10,8 +10,8 @@ Ray's default multiplexed router places by) and keeps the same LRU bound as the 
 so both see the same accesses and evict alike. The weights themselves are managed by the Engine.
 
 Admin calls arrive one per replica through `control(op)` (see routing.py). The merge pins live in the
-pins record beside the store (store_view.PinsFile): a replica applies them on start, every
-`cluster_pin_poll_s`, and at once when the ingress asks, so a restarted replica comes back pinned.
+store's index (store_view.ClusterPins): a replica applies them on start, every `cluster_pin_poll_s`, and
+at once when an ingress asks, so a restarted replica comes back pinned.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ray import serve
 
 from adapters import UnknownAdapterError
 from service.cluster.affinity import parse_key, short_key
-from service.cluster.store_view import PinnedStore, PinsFile, open_store
+from service.cluster.store_view import ClusterPins, PinnedStore, open_store
 from service.engine import CompletionChunk, CompletionRequest, Engine, load_base_model
 from service.metrics import Metrics
 
@@ -44,7 +44,7 @@ def replica_class(cache_slots: int) -> type:
         async def __init__(self, settings: Any) -> None:
             self.settings = settings
             self.store = PinnedStore(open_store(settings))
-            self.pins = PinsFile(settings.store)
+            self.pins = ClusterPins(self.store.store)
             self.metrics = Metrics()
             base = await asyncio.to_thread(load_base_model, settings.base_model, settings.device, settings.dtype,
                                            settings.task)
@@ -108,7 +108,7 @@ def replica_class(cache_slots: int) -> type:
 
         async def _reconcile(self, *, strict: bool) -> None:
             """Make this replica's explicit merge match the pins record. `strict`: raise a refused merge."""
-            want = self.pins.read().get("merged")
+            want = (await asyncio.to_thread(self.pins.read)).get("merged")
             merged_ref = self.engine.weights.merged  # read-only peek: no control item on the loop each poll
             merged = merged_ref.name if merged_ref is not None else None  # a key, name@sha256
             key = None

@@ -8,8 +8,9 @@ Replicas never ask "what does this name point at now": the ingress resolves the 
 and sends `name@sha256`; `PinnedStore` (what a replica's Engine sees as its store) reads exactly that
 blob and checks its digest, so a replica cannot serve a version other than the one the request named.
 
-The pins record (`PinsFile`) is the cluster's desired merge state: which adapter an explicit merge
-pinned on every replica. It lives beside the store, written atomically by the ingress and read by each
+The pins record (`ClusterPins`) is the cluster's desired merge state: which adapter an explicit merge
+pinned on every replica. It lives in the store's index (a compare-and-set meta record: SQLite, or the
+shared PostgreSQL, so replicas on every machine read the same one), written by an ingress and read by each
 replica on start and every `pin_poll_s`, so a replica restarted after a crash, or added by the
 autoscaler, merges the pin too; nothing about it lives only in a process that can die.
 """
@@ -17,10 +18,7 @@ autoscaler, merges the pin too; nothing about it lives only in a process that ca
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from adapters import LoraWeights, UnknownAdapterError, weights_from_bytes
@@ -29,7 +27,7 @@ from service import storage
 from service.cluster.affinity import adapter_key, parse_key
 from service.storage import AdapterStore, adapter_digest
 
-__all__ = ["open_store", "resolve", "read_version", "PinnedStore", "PinsFile"]
+__all__ = ["open_store", "resolve", "read_version", "PinnedStore", "ClusterPins"]
 
 
 def open_store(settings: Any) -> AdapterStore:
@@ -93,22 +91,35 @@ class PinnedStore:
         self.store.close()
 
 
-class PinsFile:
-    """{"merged": name or null, "seq": n}: what an explicit merge pinned cluster-wide."""
+class ClusterPins:
+    """{"merged": name or null, "seq": n}: what an explicit merge pinned cluster-wide, in the store's index
+    (meta key `cluster_pins`). Synchronous, like the index: call it from a worker thread."""
 
-    def __init__(self, store_root: str | os.PathLike) -> None:
-        self.path = Path(store_root) / "cluster" / "pins.json"
+    KEY = "cluster_pins"
+
+    def __init__(self, store: Any) -> None:
+        self.index = store.index
 
     def read(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {"merged": None, "seq": 0}
+        return _decode(self.index.get_meta(self.KEY))
 
-    def write(self, merged: str | None) -> dict[str, Any]:
-        record = {"merged": merged, "seq": self.read().get("seq", 0) + 1}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".pins-{uuid.uuid4().hex}")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)  # readers see the old record or the new one, never half of one
-        return record
+    def write(self, merged: str | None, *, only_if: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Pin `merged` (None: nothing) under the next seq; the record written. With `only_if` (a record read or
+        written before), only while the record is still that one: None if another ingress changed it since."""
+        return self.swap(merged, only_if=only_if)[1]
+
+    def swap(self, merged: str | None, *, only_if: dict[str, Any] | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """As `write`, returning (the record it replaced, the record written or None)."""
+        while True:  # compare-and-set: another ingress writing at the same moment makes one of us read again
+            raw = self.index.get_meta(self.KEY)
+            current = _decode(raw)
+            if only_if is not None and current != only_if:
+                return current, None
+            record = {"merged": merged, "seq": int(current.get("seq", 0)) + 1}
+            if self.index.compare_and_set_meta(self.KEY, raw, json.dumps(record)):
+                return current, record
+
+
+def _decode(raw: str | None) -> dict[str, Any]:
+    return {"merged": None, "seq": 0} if raw is None else json.loads(raw)

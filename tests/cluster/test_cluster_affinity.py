@@ -5,12 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
 from service.cluster.affinity import adapter_key, control_id, control_target, parse_key, placement, rendezvous_order
 from service.cluster.metrics_merge import merge_metrics
-from service.cluster.store_view import PinsFile
+from service.cluster.store_view import ClusterPins
 from service.metrics import Metrics
 from service.settings import Settings
+from service.storage import SqliteIndex
 
 REPLICAS = [f"r{i}" for i in range(4)]
 KEYS = [adapter_key(f"a{i}", f"{i:064x}") for i in range(400)]
@@ -76,14 +78,23 @@ def test_a_home_devoted_to_a_hot_adapter_sends_the_others_to_their_second_choice
                                                                                                    rest]
 
 
-def test_pins_record_is_replaced_atomically(tmp_path) -> None:
-    pins = PinsFile(tmp_path)
-    assert pins.read() == {"merged": None, "seq": 0}
-    pins.write("support")
-    assert pins.read() == {"merged": "support", "seq": 1}
-    pins.write(None)
-    assert pins.read() == {"merged": None, "seq": 2}
-    assert [p.name for p in (tmp_path / "cluster").iterdir()] == ["pins.json"]
+def test_pins_record_lives_in_the_index_and_every_process_sees_it(tmp_path) -> None:
+    path = tmp_path / "index.sqlite3"
+    ingress, replica = (SqliteIndex(path), SqliteIndex(path))  # two processes on one store, as far as it can tell
+    try:
+        pins, theirs = ClusterPins(SimpleNamespace(index=ingress)), ClusterPins(SimpleNamespace(index=replica))
+        assert theirs.read() == {"merged": None, "seq": 0}
+        assert pins.write("support") == {"merged": "support", "seq": 1}
+        assert theirs.read() == {"merged": "support", "seq": 1}
+        previous, mine = pins.swap("billing")
+        assert previous == {"merged": "support", "seq": 1} and mine == {"merged": "billing", "seq": 2}
+        assert theirs.write("legal") == {"merged": "legal", "seq": 3}  # another ingress pins meanwhile
+        assert pins.write("support", only_if=mine) is None  # so a rollback of "billing" leaves it alone
+        assert pins.write(None, only_if=theirs.read()) == {"merged": None, "seq": 4}
+        assert ingress.get_meta(ClusterPins.KEY) is not None
+    finally:
+        ingress.close()
+        replica.close()
 
 
 def test_metrics_merge_labels_each_replica_and_keeps_http_from_the_ingress() -> None:
