@@ -111,7 +111,10 @@ class Settings(BaseSettings):
 
     # ---------------------------------------------------------------- cluster mode (Ray Serve: pip install .[cluster])
     replicas: int = Field(1, ge=1, le=1024)
-    """Engine replicas. Above 1 (or with --ray-address) the service runs on Ray Serve: one ingress, N replicas."""
+    """Engine replicas. Above 1 (or with --ray-address) the service runs on Ray Serve: ingresses, N replicas."""
+    ingress_replicas: int = Field(1, ge=1, le=64)
+    """Ingress processes (HTTP parsing, name resolution, uploads) in cluster mode; Serve's proxy spreads requests
+    over them. Each one routes with its own view of the replicas' in-flight requests."""
     ray_address: str | None = None
     """Join this Ray cluster (host:port or ray://...) instead of starting a local one (RAY_ADDRESS works too)."""
     replica_num_cpus: float = Field(1.0, ge=0)
@@ -217,6 +220,9 @@ class Settings(BaseSettings):
                                  "spaces (make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         if self.max_replicas is not None and not (self.min_replicas or 1) <= self.replicas <= self.max_replicas:
             raise ValueError("autoscaling needs --min-replicas <= --replicas <= --max-replicas")
+        if self.ingress_replicas > 1 and not self.cluster_mode:
+            raise ValueError("--ingress-replicas is for cluster mode (--replicas above 1, --max-replicas or "
+                             "--ray-address); a single server is one process")
         if set(self.admin_keys) & set(self.inference_keys):
             raise ValueError("a key is listed both as an admin key and as an inference key")
         return self

@@ -36,8 +36,7 @@ log = logging.getLogger("service.cluster")
 
 def absolute(settings: Settings) -> Settings:
     """Paths made absolute (replicas may start in another directory). Without --store, the cluster's local parts
-    (the SQLite index and blobs unless --index-url / --blob-url say otherwise, and the pins record) live in
-    ./store/cluster."""
+    (the SQLite index and blobs, unless --index-url / --blob-url say otherwise) live in ./store/cluster."""
     base = str(Path(settings.base_model).resolve()) if settings.base_model else None
     store = Path(settings.store) if settings.store is not None else DEFAULT_CLUSTER_STORE
     return settings.model_copy(update={"store": store.resolve(), "base_model": base})
@@ -68,7 +67,8 @@ def build_application(settings: Settings) -> Any:
         logging_config=_logging(settings), **_scaling(settings))
     # The ingress only parses, resolves and forwards: no CPU reserved, so replicas get every core Ray counts.
     ingress = serve.deployment(LoraIngress, name="LoraIngress").options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, logging_config=_logging(settings))
+        num_replicas=settings.ingress_replicas, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096,
+        logging_config=_logging(settings))
     return ingress.bind(settings, replica.bind(settings))
 
 
@@ -101,8 +101,9 @@ def run_cluster(settings: Settings) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         deploy(settings)
-        log.info("cluster: %d replica(s) of %s behind http://%s:%d (router: %s)", settings.replicas,
-                 settings.base_model or "all-MiniLM-L6-v2", settings.host, settings.port, settings.cluster_router)
+        log.info("cluster: %d replica(s) of %s behind %d ingress(es) at http://%s:%d (router: %s)", settings.replicas,
+                 settings.base_model or "all-MiniLM-L6-v2", settings.ingress_replicas, settings.host, settings.port,
+                 settings.cluster_router)
         stop.wait()
     finally:
         serve.shutdown()

@@ -1,4 +1,5 @@
-"""`lora-serve` chooses the cluster only when asked, refuses bad autoscaling bounds, and explains a missing Ray."""
+"""`lora-serve` chooses the cluster only when asked, refuses bad autoscaling bounds (and --ingress-replicas outside a
+cluster), and explains a missing Ray."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ from service.settings import Settings
 def test_bad_autoscaling_bounds_are_refused() -> None:
     with pytest.raises(ValidationError, match="min-replicas <= --replicas <= --max-replicas"):
         Settings(replicas=5, max_replicas=4)
+
+
+def test_ingress_replicas_are_a_cluster_setting() -> None:
+    with pytest.raises(ValidationError, match="--ingress-replicas is for cluster mode"):
+        Settings(ingress_replicas=2)
+    assert Settings(replicas=2).ingress_replicas == 1
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install '.[cluster]')")
+    from service.cluster.launch import build_application
+
+    ingress = build_application(Settings(replicas=2, ingress_replicas=3))._bound_deployment  # built, not deployed
+    assert (ingress.name, ingress.num_replicas, ingress.init_args[1]._bound_deployment.num_replicas) == \
+        ("LoraIngress", 3, 2)
 
 
 def test_without_ray_the_cluster_explains_how_to_install_it(monkeypatch, capsys) -> None:
