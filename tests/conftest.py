@@ -2,6 +2,7 @@
 
     postgres_url   postgresql://postgres@127.0.0.1:<port>/postgres     (a throwaway PostgreSQL 15)
     s3_settings    {"endpoint_url", "region", "access_key_id", "secret_access_key", "bucket"}  (SeaweedFS)
+    s3_env         s3_settings, with the standard AWS_* variables set for the rest of the session
 
 Each is skipped, with the reason, where the server cannot run. `make_postgres_index(url)` and
 `make_s3_blobs(settings)` return a fresh, empty backend on them each time (a new database, a new key
@@ -10,6 +11,7 @@ prefix; both in tests/infra.py), for the backends' tests and for the storage con
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,3 +67,22 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3Ser
 @pytest.fixture(scope="session")
 def s3_settings(s3_server: SeaweedS3Server) -> dict[str, Any]:
     return s3_server.settings
+
+
+_AWS = {"AWS_ENDPOINT_URL": "endpoint_url", "AWS_ACCESS_KEY_ID": "access_key_id",
+        "AWS_SECRET_ACCESS_KEY": "secret_access_key", "AWS_DEFAULT_REGION": "region", "AWS_REGION": "region"}
+
+
+@pytest.fixture(scope="session")
+def s3_env(s3_settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The standard AWS_* variables for the test S3 server, for the whole session: an s3:// blob URL then finds it
+    as a deployment would, in this process and in the processes it starts (crash tests' subprocesses, Ray's
+    workers). Session-wide but not autouse: only a test that asks for S3 starts SeaweedFS."""
+    saved = {var: os.environ.get(var) for var in _AWS}
+    os.environ.update({var: str(s3_settings[key]) for var, key in _AWS.items()})
+    yield s3_settings
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value

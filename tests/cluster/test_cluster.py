@@ -6,104 +6,64 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import pytest
-from http_testkit import BERT_TARGETS, make_adapter, peft_files
+from cluster_testkit import TEXTS, close, embed, new_name, state, upload, wait
 
 pytestmark = pytest.mark.cluster
-
-TEXTS = ["hello world", "the quick brown fox"]
-
-
-def _name() -> str:
-    return f"c-{uuid.uuid4().hex[:8]}"
-
-
-def _upload(client, name: str, seed: int, overwrite: bool = False) -> dict:
-    r = client.put(f"/v1/adapters/{name}", params={"overwrite": overwrite},
-                   files=peft_files(make_adapter(BERT_TARGETS, seed=seed)))
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def _embed(client, model: str) -> list[list[float]]:
-    r = client.post("/v1/embeddings", json={"model": model, "input": TEXTS})
-    assert r.status_code == 200, r.text
-    return [d["embedding"] for d in r.json()["data"]]
-
-
-def _close(a: list[list[float]], b: list[list[float]], tol: float = 1e-5) -> bool:
-    return all(abs(x - y) <= tol for va, vb in zip(a, b, strict=True) for x, y in zip(va, vb, strict=True))
-
-
-def _state(client) -> dict:
-    r = client.get("/v1/state")
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def test_inference_across_replicas_equals_a_single_server(cluster, single) -> None:
     client = cluster["client"]
-    names = [_name() for _ in range(10)]
+    names = [new_name() for _ in range(10)]
     for i, name in enumerate(names):
-        _upload(client, name, seed=i)
-        _upload(single, name, seed=i)
+        upload(client, name, seed=i)
+        upload(single, name, seed=i)
     for name in [*names, "base"]:
-        assert _close(_embed(client, name), _embed(single, name)), name
-    replicas = _state(client)["replicas"]
+        assert close(embed(client, name), embed(single, name)), name
+    replicas = state(client)["replicas"]
     assert len(replicas) == 2 and all("error" not in r for r in replicas)
     assert all(r["requests_served"] > 0 for r in replicas)  # ten adapters: both replicas are home to some
     for name in names:  # a second round is served warm, from the same home
-        _embed(client, name)
-    again = _state(client)["replicas"]
+        embed(client, name)
+    again = state(client)["replicas"]
     assert sum(r["cold_loads"] for r in again) == sum(r["cold_loads"] for r in replicas)
 
 
 def test_overwrite_is_never_answered_stale(cluster, single) -> None:
-    client, name = cluster["client"], _name()
-    _upload(client, name, seed=11)
-    old = _embed(client, name)
-    _upload(single, name, seed=12)
-    new = _embed(single, name)
-    assert not _close(old, new)
-    record = _upload(client, name, seed=12, overwrite=True)
+    client, name = cluster["client"], new_name()
+    upload(client, name, seed=11)
+    old = embed(client, name)
+    upload(single, name, seed=12)
+    new = embed(single, name)
+    assert not close(old, new)
+    record = upload(client, name, seed=12, overwrite=True)
     assert record["version"] == 2
     for _ in range(20):  # every request after the overwrite returned sees version 2
-        assert _close(_embed(client, name), new)
+        assert close(embed(client, name), new)
 
 
 def test_delete_then_404(cluster) -> None:
-    client, name = cluster["client"], _name()
-    _upload(client, name, seed=21)
-    _embed(client, name)
+    client, name = cluster["client"], new_name()
+    upload(client, name, seed=21)
+    embed(client, name)
     assert client.delete(f"/v1/adapters/{name}").status_code == 200
     r = client.post("/v1/embeddings", json={"model": name, "input": TEXTS})
     assert r.status_code == 404 and r.json()["error"]["type"] == "unknown_adapter_error"
 
 
 def test_explicit_merge_reaches_every_replica_and_unmerge_undoes_it(cluster, single) -> None:
-    client, name = cluster["client"], _name()
-    _upload(client, name, seed=31)
-    _upload(single, name, seed=31)
+    client, name = cluster["client"], new_name()
+    upload(client, name, seed=31)
+    upload(single, name, seed=31)
     r = client.post(f"/v1/adapters/{name}/merge")
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["merged_adapter"] == name and body["pinned"]
     assert [x["merged_adapter"] for x in body["replicas"]] == [name, name]
     assert all(x["pinned"] for x in body["replicas"])
-    assert _close(_embed(client, name), _embed(single, name))  # merged or not, the same answer
-    assert _close(_embed(client, "base"), _embed(single, "base"))
+    assert close(embed(client, name), embed(single, name))  # merged or not, the same answer
+    assert close(embed(client, "base"), embed(single, "base"))
     r = client.post("/v1/unmerge")
     assert r.status_code == 200 and r.json()["merged_adapter"] is None
     state = client.get("/v1/state", params={"fingerprints": True}).json()
@@ -113,8 +73,8 @@ def test_explicit_merge_reaches_every_replica_and_unmerge_undoes_it(cluster, sin
 
 def test_metrics_cover_every_replica(cluster) -> None:
     client = cluster["client"]
-    _embed(client, "base")
-    ids = {r["replica"] for r in _state(client)["replicas"]}
+    embed(client, "base")
+    ids = {r["replica"] for r in state(client)["replicas"]}
     text = client.get("/metrics").text
     assert "lora_http_requests_total" in text
     for rid in ids:
@@ -122,10 +82,10 @@ def test_metrics_cover_every_replica(cluster) -> None:
 
 
 def test_killed_replica_is_restarted_and_requests_continue(cluster) -> None:
-    client, name = cluster["client"], _name()
-    _upload(client, name, seed=41)
+    client, name = cluster["client"], new_name()
+    upload(client, name, seed=41)
     assert client.post(f"/v1/adapters/{name}/merge").status_code == 200  # the pin must survive the restart
-    before = _state(client)["replicas"]
+    before = state(client)["replicas"]
     victim = before[0]
     results: list[tuple[int, dict | None]] = []
     stop = threading.Event()
@@ -147,12 +107,12 @@ def test_killed_replica_is_restarted_and_requests_continue(cluster) -> None:
         killed_at = len(results)
 
         def recovered() -> list | None:
-            replicas = _state(client)["replicas"]
+            replicas = state(client)["replicas"]
             fresh = [r for r in replicas if "error" not in r]
             ids = {r["replica"] for r in fresh}
             return fresh if len(fresh) == 2 and victim["replica"] not in ids else None
 
-        replicas = _wait(recovered, 60, "the killed replica to be replaced")
+        replicas = wait(recovered, 60, "the killed replica to be replaced")
         time.sleep(2)
     finally:
         stop.set()
@@ -172,11 +132,11 @@ def test_full_restart_keeps_the_adapters(cluster) -> None:
 
     from service.cluster.launch import deploy
 
-    client, name = cluster["client"], _name()
-    _upload(client, name, seed=51)
-    before = _embed(client, name)
+    client, name = cluster["client"], new_name()
+    upload(client, name, seed=51)
+    before = embed(client, name)
     serve.shutdown()
     deploy(cluster["settings"])
-    assert _close(_embed(client, name), before)
+    assert close(embed(client, name), before)
     listed = client.get("/v1/adapters", params={"limit": 1000}).json()["data"]
     assert name in {a["name"] for a in listed}

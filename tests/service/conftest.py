@@ -7,7 +7,6 @@ with `unique` and leaves nothing merged.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,23 +27,12 @@ def _store_backend(request: pytest.FixtureRequest) -> Iterator[None]:
     if request.config.getoption("store_backend") != "shared":
         yield
         return
-    postgres_url, s3 = request.getfixturevalue("postgres_url"), request.getfixturevalue("s3_settings")
-    saved = {k: os.environ.get(k) for k in _AWS}
-    os.environ.update({var: str(s3[key]) for var, key in _AWS.items()})
+    postgres_url, s3 = request.getfixturevalue("postgres_url"), request.getfixturevalue("s3_env")  # AWS_* set
     http_testkit.SHARED_STORE = {"postgres_url": postgres_url, "bucket": s3["bucket"]}
     try:
         yield
     finally:
         http_testkit.SHARED_STORE = None
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-
-
-_AWS = {"AWS_ENDPOINT_URL": "endpoint_url", "AWS_ACCESS_KEY_ID": "access_key_id",
-        "AWS_SECRET_ACCESS_KEY": "secret_access_key", "AWS_DEFAULT_REGION": "region", "AWS_REGION": "region"}
 
 
 @pytest.fixture(scope="session")
