@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     """Most adapters resident on the device at once."""
     device_cache_bytes: ByteSize = Field(ByteSize(256 * _MiB), ge=1)
     """Most bytes of adapters resident on the device at once."""
+    device_cache_eviction: Literal["frequency", "lru"] = "frequency"
+    """Which resident adapter leaves the device first: the least used recently (counts halved over time), or
+    the least recently used."""
     max_batch_size: int = Field(32, ge=1, le=4096)
     """Most requests gathered into one forward."""
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
