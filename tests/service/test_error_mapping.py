@@ -105,5 +105,6 @@ def test_a_forward_that_fails_is_a_500_logged_once(bert_client: TestClient, monk
     with caplog.at_level("ERROR"):
         r = bert_client.post("/v1/embeddings", json={"model": "base", "input": ["x"]})
     assert r.status_code == 500 and r.json()["error"]["type"] == "internal_engine_error"
-    logged = [rec for rec in caplog.records if rec.exc_info and "a bug in the forward" in str(rec.exc_info[1])]
+    logged = [rec for rec in caplog.records if rec.exc_info
+              and "a bug in the forward" in f"{rec.exc_info[1]} {rec.exc_info[1].__cause__}"]
     assert len(logged) == 1  # with its traceback, where the forward failed; not again by the HTTP layer
