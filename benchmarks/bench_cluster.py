@@ -4,7 +4,8 @@
      2-replica cluster (`affinity`: ours; `spread`: no multiplexed id, placement ignores the adapter;
      `multiplex`: Ray's default multiplexed router) and for one single server (`lora-serve`, no Ray);
      200 stored rank-8 adapters on the packaged MiniLM, requests Zipf-distributed (s = 1.1), each replica's
-     device cache 16 adapters (--device-cache-adapters 16);
+     device cache 16 adapters (`--slots`; --device-cache-adapters) evicting by use counts (`--evictions`:
+     `frequency,lru` measures the three routings under each, in the same run);
   2. a hot adapter with 60% of the traffic: how many of its requests each replica served (affinity, and
      Ray's default for comparison);
   3. 100 overwrites of one adapter under load: answers older than the version current when the request
@@ -12,7 +13,10 @@
   4. a replica killed with SIGKILL under load: failed requests (at most those in flight), and the time until
      the replacement serves and 1-s throughput is back to 90% of what it was before.
 
-Everything listens on 127.0.0.1. Usage: python benchmarks/bench_cluster.py [--requests 1000] [--json out.json]
+`--cold-only` measures part 1's cluster routings only. benchmarks/sim_cold_loads.py gives the bound that
+placement and eviction allow on this workload. Everything listens on 127.0.0.1. Usage:
+python benchmarks/bench_cluster.py [--requests 1000] [--slots 16] [--evictions frequency,lru] [--cold-only]
+                                   [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from benchmarks.common import machine_info, markdown_table, write_json  # noqa: 
 from service.settings import Settings  # noqa: E402
 from service.storage import canonicalize, local_store  # noqa: E402
 
-N_ADAPTERS, ZIPF_S, CACHE, CONCURRENCY = 200, 1.1, 16, 16
+N_ADAPTERS, ZIPF_S, CONCURRENCY = 200, 1.1, 16
 WORDS = "the quick brown fox jumps over a lazy dog while small adapters serve many tasks at once".split()
 MINILM = {f"encoder.layer.{i}.attention.self.{m}": 384 for i in range(6) for m in ("query", "value")}
 
@@ -236,7 +240,9 @@ def kill_under_load(port: int, seconds: float = 50.0, kill_at: float = 8.0) -> d
             "rps_before": round(before, 1), "rps_per_second": [buckets.get(s, 0) for s in range(int(seconds))]}
 
 
-def run_cluster(store: Path, port: int, n: int) -> dict:
+def run_cluster(store: Path, port: int, n: int, slots: int, evictions: list[str], cold_only: bool) -> dict:
+    """Part 1 for each router under each eviction order (keyed `router`, or `router/eviction` beyond the first),
+    then, under the first eviction order, parts 2-4 unless `cold_only`."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
@@ -244,18 +250,22 @@ def run_cluster(store: Path, port: int, n: int) -> dict:
     from service.cluster.launch import APP_NAME, absolute, deploy, start_ray
 
     out: dict[str, Any] = {}
-    base = Settings(store=store, port=port, replicas=2, device="cpu", device_cache_adapters=CACHE,
+    base = Settings(store=store, port=port, replicas=2, device="cpu", device_cache_adapters=slots,
                     replica_num_cpus=1.0, cluster_request_timeout_s=60)
     started = start_ray(absolute(base))
     try:
-        for router in ("spread", "multiplex", "affinity"):
-            settings = absolute(base.model_copy(update={"cluster_router": router}))
+        for eviction, router in ((e, r) for e in evictions for r in ("spread", "multiplex", "affinity")):
+            name = router if eviction == evictions[0] else f"{router}/{eviction}"
+            settings = absolute(base.model_copy(update={"cluster_router": router, "device_cache_eviction": eviction}))
             t = time.perf_counter()
             deploy(settings)
-            print(f"[{router}] deployed in {time.perf_counter() - t:.0f} s", flush=True)
-            out[router] = measure(port, n)
-            out[router]["routing"] = state(port).get("routing")
-            print(f"[{router}] {out[router]}", flush=True)
+            print(f"[{name}] deployed in {time.perf_counter() - t:.0f} s", flush=True)
+            out[name] = measure(port, n)
+            out[name]["routing"] = state(port).get("routing")
+            print(f"[{name}] {out[name]}", flush=True)
+            if cold_only or name != router:
+                serve.delete(APP_NAME)
+                continue
             if router in ("multiplex", "affinity"):
                 out[f"hot_adapter_{router}"] = hot_adapter(port, n)
                 print(f"[hot {router}] {out[f'hot_adapter_{router}']}", flush=True)
@@ -272,12 +282,14 @@ def run_cluster(store: Path, port: int, n: int) -> dict:
     return out
 
 
-def run_single(store: Path, port: int, n: int, threads: int | None = None) -> dict:
-    """`threads`: OMP_NUM_THREADS for torch (Ray gives each replica its num_cpus, here 1)."""
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+def run_single(store: Path, port: int, n: int, slots: int, eviction: str, threads: int | None = None) -> dict:
+    """`threads`: --torch-threads (default: the server's own, CPUs - 1; Ray gives each replica its num_cpus, 1)."""
+    env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--store",
                              str(store), "--log-level", "warning", "--device", "cpu",
-                             "--device-cache-adapters", str(CACHE)], cwd=ROOT, env=env)
+                             "--device-cache-adapters", str(slots), "--device-cache-eviction", eviction,
+                             *(["--torch-threads", str(threads)] if threads else [])],
+                            cwd=ROOT, env=env)
     try:
         deadline = time.time() + 180
         while True:
@@ -301,23 +313,32 @@ def run_single(store: Path, port: int, n: int, threads: int | None = None) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--slots", type=int, default=16, help="each replica's device cache, in adapters")
+    ap.add_argument("--evictions", default="frequency", help="device-cache eviction orders to measure, comma-separated")
+    ap.add_argument("--cold-only", action="store_true", help="part 1's cluster routings only")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    evictions = args.evictions.split(",")
     machine = machine_info("cpu")
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         store = Path(tmp) / "store"
         populate(store)
-        results = run_cluster(store, free_port(), args.requests)
-        results["single"] = run_single(store, free_port(), args.requests)
-        results["single_1_thread"] = run_single(store, free_port(), args.requests, threads=1)
-    rows = [[name, r["cold_loads_per_1000"], r["throughput_rps"], r["p50_ms"], r["p99_ms"], r["errors"]]
-            for name, r in ((k, results[k]) for k in ("affinity", "spread", "multiplex", "single", "single_1_thread"))]
+        results = run_cluster(store, free_port(), args.requests, args.slots, evictions, args.cold_only)
+        if not args.cold_only:
+            results["single"] = run_single(store, free_port(), args.requests, args.slots, evictions[0])
+            results["single_2_threads"] = run_single(store, free_port(), args.requests, args.slots, evictions[0],
+                                                     threads=2)
+    measured = [k for k in results if "cold_loads_per_1000" in results[k]]
+    rows = [[name, results[name]["cold_loads_per_1000"], results[name]["throughput_rps"], results[name]["p50_ms"],
+             results[name]["p99_ms"], results[name]["errors"]] for name in measured]
     print(markdown_table(["routing", "cold loads / 1000 req", "req/s", "p50 ms", "p99 ms", "errors"], rows))
-    print({k: results[k] for k in ("hot_adapter_multiplex", "hot_adapter_affinity", "overwrites", "kill")})
+    print({k: results[k] for k in ("hot_adapter_multiplex", "hot_adapter_affinity", "overwrites", "kill")
+           if k in results})
     print(machine)
     if args.json:
         write_json(args.json, {"machine": machine, "concurrency": CONCURRENCY, "adapters": N_ADAPTERS,
-                               "zipf_s": ZIPF_S, "device_cache_adapters": CACHE, **results})
+                               "zipf_s": ZIPF_S, "device_cache_adapters": args.slots, "evictions": evictions,
+                               **results})
 
 
 if __name__ == "__main__":

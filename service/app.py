@@ -26,6 +26,7 @@ from adapters.merge_kernel import kernel_name
 from service import __version__
 from service.auth import KeyRing
 from service.base_identity import base_identity, claim_store, default_store_dir
+from service.base_model import set_torch_threads
 from service.engine import Engine, load_base_model
 from service.errors import install_error_handlers
 from service.limits import BodyLimitMiddleware
@@ -87,9 +88,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         base = await run_in_threadpool(load_base_model, settings.base_model, settings.device, settings.dtype,
                                        settings.task)
-        log.info("base model %s: task %s, %s parameters, %.1f MB %s on %s; merges run on %s", base.model_id,
-                 base.task, f"{base.num_parameters:,}", base.nbytes / 1e6, settings.dtype, base.device,
-                 kernel_name(base.device, base.dtype, fused=settings.merge_kernel == "auto"))
+        threads = set_torch_threads(settings.torch_threads, base.device)
+        log.info("base model %s: task %s, %s parameters, %.1f MB %s on %s (%d torch threads); merges run on %s",
+                 base.model_id, base.task, f"{base.num_parameters:,}", base.nbytes / 1e6, settings.dtype, base.device,
+                 threads, kernel_name(base.device, base.dtype, fused=settings.merge_kernel == "auto"))
         identity = await run_in_threadpool(base_identity, base.model, base.model_id)
         if settings.store is None:  # one directory per base, so two bases never share a default store
             settings = settings.model_copy(update={"store": default_store_dir(identity)})

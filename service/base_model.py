@@ -9,6 +9,7 @@ the device, the tokenizer, label names, stop tokens and an embedding base's sent
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from lora_common.base_loading import (
 from service.embedding_spec import EmbeddingSpec, EmbeddingSpecError, read_embedding_spec
 
 # BaseModelError, TASKS and the helpers are re-exported: callers and tests import them from here.
-__all__ = ["LoadedBase", "load_base_model", "detect_task", "resolve_device", "resolve_dtype", "default_base_model",
+__all__ = ["LoadedBase", "load_base_model", "set_torch_threads",
+           "detect_task", "resolve_device", "resolve_dtype", "default_base_model",
            "BaseModelError", "TASKS"]
 
 
@@ -105,3 +107,16 @@ def _stop_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids |= {configured} if isinstance(configured, int) else set(configured or [])
     return frozenset(ids)
+
+
+def set_torch_threads(requested: int | None, device: torch.device) -> int:
+    """Set torch's intra-op threads for the process: `requested`, else on the CPU one fewer than the CPUs this
+    process may use. Why: after each parallel region torch's OpenMP workers spin, waiting for the next one;
+    with one per core they take the core the event loop needs to parse and answer requests, and under
+    concurrent load a 2-CPU server served 21 requests/s with 2 threads against 99 with 1
+    (docs/cluster.md, Figures). On a GPU the forward runs there: torch's default is kept unless one is asked for."""
+    if requested is None and device.type == "cpu":
+        requested = max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else None
+    if requested is not None:
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()

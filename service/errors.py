@@ -29,6 +29,7 @@ from service.engine.errors import (
     BadRequestError,
     EngineBusyError,
     EngineError,
+    InternalEngineError,
     NonFiniteOutputError,
     WrongTaskError,
 )
@@ -164,7 +165,8 @@ def error_response(exc: Exception, path: str | None = None) -> JSONResponse:
 
 
 async def _domain(request: Request, exc: Exception) -> JSONResponse:
-    if status_of(exc) >= 500 and not isinstance(exc, (EngineBusyError, ServiceError)):
+    # InternalEngineError was logged with its cause's traceback where the forward failed (engine/errors.py)
+    if status_of(exc) >= 500 and not isinstance(exc, (EngineBusyError, ServiceError, InternalEngineError)):
         log.error("request failed: %s", exc, exc_info=exc)
     return error_response(exc, request.url.path)
 

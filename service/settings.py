@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the base weights and of resident adapters."""
+    torch_threads: int | None = Field(None, ge=1, le=1024)
+    """Threads torch uses for one forward on the CPU. Default: one fewer than the CPUs this process may use (at
+    least 1), so that the HTTP event loop keeps a core instead of waiting behind torch's spinning workers."""
 
     # ---------------------------------------------------------------- the store
     store: Path | None = None
@@ -93,6 +96,9 @@ class Settings(BaseSettings):
     """Most adapters resident on the device at once."""
     device_cache_bytes: ByteSize = Field(ByteSize(256 * _MiB), ge=1)
     """Most bytes of adapters resident on the device at once."""
+    device_cache_eviction: Literal["frequency", "lru"] = "frequency"
+    """Which resident adapter leaves the device first: the least used recently (counts halved over time), or
+    the least recently used."""
     max_batch_size: int = Field(32, ge=1, le=4096)
     """Most requests gathered into one forward."""
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)

@@ -29,6 +29,7 @@ class EngineConfig:
     host_cache_bytes: int = 512 << 20  # host-RAM tier of validated adapters (cache.py)
     device_cache_adapters: int = 32  # device tier, by count...
     device_cache_bytes: int = 256 << 20  # ...and by bytes (tiers.py)
+    device_cache_eviction: str = "frequency"  # frequency | lru: which resident adapter goes first (eviction.py)
 
     @classmethod
     def from_settings(cls, settings: Any) -> EngineConfig:
@@ -46,6 +47,7 @@ class EngineConfig:
             host_cache_bytes=int(settings.host_cache_bytes),
             device_cache_adapters=int(settings.device_cache_adapters),
             device_cache_bytes=int(settings.device_cache_bytes),
+            device_cache_eviction=str(settings.device_cache_eviction),
         )
 
     def replace(self, **changes: Any) -> EngineConfig:

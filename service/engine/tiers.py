@@ -21,6 +21,7 @@ from service.base_model import LoadedBase
 from service.engine.cache import HostCache
 from service.engine.config import EngineConfig
 from service.engine.errors import AdapterChangedError
+from service.engine.eviction import UseCounts, eviction_order
 from service.engine.identity import AdapterRef
 
 __all__ = ["AdapterTiers"]
@@ -33,6 +34,7 @@ class AdapterTiers:
         self._validate = validate
         self.host = HostCache(config.host_cache_bytes)
         self.resident: OrderedDict[str, tuple[AdapterRef, int]] = OrderedDict()  # sha256 -> (ref, bytes), LRU
+        self.uses = UseCounts(period=32 * config.device_cache_adapters)  # what `trim` evicts by (eviction.py)
 
     def load(self, ref: AdapterRef, preloaded: LoraWeights | None = None) -> LoraWeights:
         """Validated weights of exactly `ref` in the base's dtype: the copy a request loaded off the loop thread
@@ -65,11 +67,16 @@ class AdapterTiers:
         self.resident[ref.key] = (ref, weights.nbytes())
         self._count("adapter_loads", "device")
 
+    def count_uses(self, uses: dict[str, int]) -> None:
+        """Loop thread: requests per key of a batch, for the frequency eviction order."""
+        self.uses.add(uses)
+
     def trim(self, protect: set[str]) -> None:
-        """Loop thread: evict least recently used adapters until the device bounds hold, never one in
-        `protect` (keys of the running batch's adapters) nor the merged one."""
+        """Loop thread: evict adapters until the device bounds hold, the least used first (or the least recently
+        used, `--device-cache-eviction lru`), never one in `protect` (keys of the running batch's adapters) nor
+        the merged one."""
         max_n, max_bytes = self.config.device_cache_adapters, self.config.device_cache_bytes
-        for victim in list(self.resident):
+        for victim in eviction_order(self.resident, self.config.device_cache_eviction, self.uses):
             if len(self.resident) <= max_n and sum(b for _, b in self.resident.values()) <= max_bytes:
                 break
             if victim not in protect and victim != self.lm.merged_adapter:

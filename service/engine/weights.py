@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from typing import Any, Protocol
 
 from adapters import LoraModel, LoraWeights, MergeError, validate_adapter
@@ -111,6 +112,7 @@ class WeightOwner:
                 refs[item.ref.key] = (item.ref, item.preloaded)
         failed: dict[str, Exception] = {}
         with self.lock:
+            self.tiers.count_uses(Counter(item.ref.key for item in items if item.ref is not None))
             for key, (ref, preloaded) in refs.items():
                 self._names[key] = ref.name
                 try:

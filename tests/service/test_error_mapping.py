@@ -95,3 +95,16 @@ def test_a_row_whose_files_are_missing_is_500_not_404(bert_client: TestClient, u
     assert "missing" in r.json()["error"]["message"] and r.json()["error"]["key"] == unique
     assert bert_client.get(f"/v1/adapters/{unique}").status_code == 200  # the row is kept (and listed)
     assert bert_client.delete(f"/v1/adapters/{unique}").status_code == 200  # and can be removed
+
+
+def test_a_forward_that_fails_is_a_500_logged_once(bert_client: TestClient, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the forward")
+
+    monkeypatch.setattr("service.engine.batch.embed_rows", broken)
+    with caplog.at_level("ERROR"):
+        r = bert_client.post("/v1/embeddings", json={"model": "base", "input": ["x"]})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_engine_error"
+    logged = [rec for rec in caplog.records if rec.exc_info
+              and "a bug in the forward" in f"{rec.exc_info[1]} {rec.exc_info[1].__cause__}"]
+    assert len(logged) == 1  # with its traceback, where the forward failed; not again by the HTTP layer
