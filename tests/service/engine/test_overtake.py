@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from service.engine import overtake as overtake_module
 from service.engine.errors import InternalEngineError
@@ -176,3 +177,13 @@ def test_overtake_tokens_0_turns_it_off(bert_dir):
 
     asyncio.run(main())
     assert finished == ["long base", "short base"]
+
+
+def test_the_blocks_are_found_whatever_the_family(bert_dir, gpt2_dir):
+    from service.engine import load_base_model
+
+    bert = load_base_model(str(bert_dir), "cpu", "float32").model
+    gpt2 = load_base_model(str(gpt2_dir), "cpu", "float32").model
+    assert transformer_blocks(bert) is bert.encoder.layer
+    assert transformer_blocks(gpt2) is gpt2.transformer.h
+    assert transformer_blocks(torch.nn.Linear(2, 2)) is None
