@@ -4,6 +4,8 @@
     lm.add_adapter("sql", load_peft_dir(path))  # validated, then LoraLinear swapped in where needed
     with lm.route(["sql", None, "chat"]):       # one forward, a different adapter per row
         base(**batch)
+    with lm.routing_kept():                     # another forward inside a paused one; its routing comes back
+        ...
     lm.merge("sql")                             # W = W0 + s·B·A, zero overhead
     lm.unmerge()                                # W = W0, bit for bit
     lm.remove_adapter("sql"); lm.eject()        # the original module tree, the same objects
@@ -251,6 +253,20 @@ class LoraModel:
         finally:
             self.router.row_ids = None
             self.router.row_names = None
+
+    @contextlib.contextmanager
+    def routing_kept(self) -> Iterator[None]:
+        """A block that starts unrouted (every row on the active adapter, as outside route()) and may route() or
+        set_adapter() freely; on leaving it, which rows use which adapter (route()'s rows, the active adapter) is
+        as it was on entering. For a forward paused between two of its layers while another one runs: it resumes
+        routed as it started. Weights are not covered: the block must not add, remove, merge or unmerge."""
+        row_ids, row_names, active = self.router.row_ids, self.router.row_names, self.active_adapter
+        self.router.row_ids = self.router.row_names = None
+        try:
+            yield
+        finally:
+            self.router.row_ids, self.router.row_names = row_ids, row_names
+            self.set_adapter(active)  # every layer's copy, whatever the block left in them
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()

@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     max_batch_tokens: int | None = Field(None, ge=1, le=1 << 24)
     """Most padded tokens (rows x longest row) in one embed/classify forward or generation prefill; a longer
     single text runs alone. Default: 16384 on CUDA, 512 on CPU (larger buys a CPU no throughput)."""
+    overtake_tokens: int | None = Field(None, ge=0, le=1 << 24)
+    """Most padded tokens of newly queued embed/classify requests (on resident adapters) that may run in a pause
+    of a forward in flight, between two of its layers, rather than wait for all of it. Default: a quarter of
+    --max-batch-tokens; 0: never."""
     merge_policy: Literal["never", "always", "auto"] = "auto"
     """never: always unmerged; always: merge each batch's adapter; auto: merge when one adapter dominates."""
     merge_window: int = Field(64, ge=1, le=1 << 16)

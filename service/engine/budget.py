@@ -13,9 +13,10 @@ rows of embed and classify requests between forwards, so the loop can take newly
 between. Each forward is anchored on the request that has waited longest since it last had rows run (a
 newcomer, or a long request whose previous forward just ended goes behind it), and other requests join it
 when all their remaining rows fit what the budget and the length rule leave: a short request sent while a
-long one runs waits for the forward in flight, then runs without a slice of the long one padding its own
-forward, and a long request gets a forward at least once per turn of the queue, so nobody starves. A
-request resolves when all its rows are done, with its values in its own order.
+long one runs waits at most for the forward in flight (less when it overtakes that forward at a layer
+boundary: overtake.py), then runs without a slice of the long one padding its own forward, and a long
+request gets a forward at least once per turn of the queue, so nobody starves. A request resolves when all
+its rows are done, with its values in its own order.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ class EngineConfig:
     max_batch_size: int = 32  # requests per forward; rows in the running decode
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
     max_batch_tokens: int | None = None  # padded tokens per forward; None: budget.default_budget(device)
+    overtake_tokens: int | None = None  # padded tokens that may overtake a forward (overtake.py); None: 1/4 of
+    # max_batch_tokens, 0: never
     merge_policy: str = "auto"  # never | always | auto (policy.py)
     merge_window: int = 64  # auto: recent requests watched
     merge_min_dwell: int = 8  # auto: fewest batches between two mode changes
@@ -40,6 +42,7 @@ class EngineConfig:
             max_batch_size=int(settings.max_batch_size),
             max_wait_ms=float(settings.max_wait_ms),
             max_batch_tokens=None if settings.max_batch_tokens is None else int(settings.max_batch_tokens),
+            overtake_tokens=None if settings.overtake_tokens is None else int(settings.overtake_tokens),
             merge_policy=str(settings.merge_policy),
             merge_window=int(settings.merge_window),
             merge_min_dwell=int(settings.merge_min_dwell),

@@ -10,11 +10,15 @@
           │     ≤ max_batch_tokens
           ├─ one forward of pending rows, ≤ max_batch_tokens padded tokens, any adapter mix: its adapters
           │     resident, the merge policy, run_batch
+          │     └─ at each transformer block: newly queued short requests on resident adapters overtake it
+          │           (overtake.py: one small forward in the pause, ≤ overtake_tokens; the rest is deferred)
           └─ one decoding step for the running generation rows
 
 Every forward runs under the WeightOwner's lock, and every weight change is a WeightOwner call made from this
-thread, so a forward never sees half-merged weights. Between two forwards the loop takes whatever was queued
-meanwhile, so a short request never waits for all of a long one: only for the forward in flight.
+thread, so a forward never sees half-merged weights (an overtaking forward changes none). Between two forwards
+the loop takes whatever was queued meanwhile (what an overtake set aside first, in its order), and within an
+embed/classify forward a short request overtakes at the next layer boundary, so a short request waits for
+neither a whole long request nor a whole long forward: only for one layer of it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +38,7 @@ from service.engine.budget import RowQueue, default_budget, plan
 from service.engine.config import EngineConfig
 from service.engine.decoding import Decoder
 from service.engine.errors import AdapterChangedError, EngineBusyError, request_error
+from service.engine.overtake import Overtaker
 from service.engine.requests import WorkItem
 from service.engine.weights import WeightOwner
 
@@ -54,6 +60,9 @@ class Scheduler:
         self.waiting: list[WorkItem] = []  # generation requests that cannot join the running decode
         self.rows = RowQueue(key=self._forward_key)  # embed/classify rows waiting for a forward (budget.py)
         self._splices = True  # whether this model's KV cache could be spliced at the last join (see _join)
+        self.deferred: deque = deque()  # taken off the queue by an overtake but not run: next, in their order
+        overtake = self.max_batch_tokens // 4 if config.overtake_tokens is None else config.overtake_tokens
+        self.overtaker = Overtaker(base, weights, self.queue, self.deferred, overtake, config.max_batch_size)
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
@@ -71,7 +80,7 @@ class Scheduler:
                 item.fail(EngineBusyError("the service is shutting down"))
         while True:
             try:
-                item = self.queue.get_nowait()
+                item = self._next(0)
             except queue.Empty:
                 break
             if isinstance(item, WorkItem):
@@ -120,7 +129,7 @@ class Scheduler:
             first = None
             if not stopping:
                 try:  # while decoding or rows are pending, never wait: that work goes on
-                    first = self.queue.get_nowait() if busy else self.queue.get()
+                    first = self._next(0 if busy else None)
                 except queue.Empty:
                     pass
             if first is _STOP:
@@ -162,14 +171,21 @@ class Scheduler:
         while len(batch) < self.config.max_batch_size:
             remaining = deadline - time.perf_counter()
             try:
-                item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+                item = self._next(max(remaining, 0))
             except queue.Empty:
                 break
             if item is _STOP:
-                self.queue.put(_STOP)
+                self.deferred.appendleft(_STOP)  # taken next, after this batch
                 break
             (controls if _is_control(item) else batch).append(item)
         return batch, controls
+
+    def _next(self, timeout: float | None) -> Any:
+        """The next item: those an overtake set aside first, in their order, then the queue's. `timeout`: None
+        waits for one, 0 does not wait; queue.Empty if there is none."""
+        if self.deferred:
+            return self.deferred.popleft()
+        return self.queue.get(timeout=timeout) if timeout else self.queue.get(block=timeout is None)
 
     def _groups(self, batch: list[WorkItem]) -> list[list[WorkItem]]:
         by_kind: dict[str, list[WorkItem]] = {}
@@ -212,7 +228,8 @@ class Scheduler:
                 if generate:
                     self._join(items)
                 else:
-                    run_batch(weights.lm, self.base, items)
+                    with self.overtaker.armed():
+                        run_batch(weights.lm, self.base, items)
             finally:
                 weights.trim(protect=self.busy())  # a batch may overshoot the bounds; not beyond it
         if self.metrics is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -274,6 +275,25 @@ def test_mixed_batch_while_another_adapter_is_merged(merged):
     with lm.route(others):
         rows = [NAMES.index(n) for n in others]
         torch.testing.assert_close(output(model, ids[rows]), want[rows], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("inner", [["y"], [None, "z", "y"], [None]], ids=["one adapter", "routed", "base"])
+def test_routing_kept_brings_back_the_routing_of_a_paused_forward(inner):
+    """Another forward inside routing_kept(), however it is routed, leaves the outer rows routed as before."""
+    model, lm = _mixed_setup()
+    ids = tokens(batch=len(NAMES))
+    want = _per_row_reference(model, lm, NAMES, ids)
+    with lm.route(NAMES):
+        with lm.routing_kept():
+            with lm.route(inner) if len(inner) > 1 else contextlib.nullcontext(lm.set_adapter(inner[0])):
+                output(model, ids[:len(inner)])
+        assert lm.router.row_names == NAMES
+        torch.testing.assert_close(output(model, ids), want, atol=1e-5, rtol=0)
+    lm.set_adapter("x")
+    with lm.routing_kept():
+        lm.set_adapter("y")
+    assert lm.active_adapter == "x" and lm.router.row_ids is None
+    torch.testing.assert_close(output(model, ids[:1]), want[:1], atol=1e-5, rtol=0)  # row 0 names "x"
 
 
 def test_mixed_batch_with_classifier_heads(tmp_path):

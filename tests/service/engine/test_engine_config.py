@@ -11,8 +11,8 @@ from service.engine.config import EngineConfig
 from service.settings import Settings
 
 # A value for each field, none of them the default, so a field that from_settings forgot shows.
-CHANGED = dict(max_rank=8, max_batch_size=7, max_wait_ms=3.5, max_batch_tokens=999, merge_policy="always",
-               merge_window=16, merge_min_dwell=3, merge_kernel="addmm", host_cache_bytes=12345,
+CHANGED = dict(max_rank=8, max_batch_size=7, max_wait_ms=3.5, max_batch_tokens=999, overtake_tokens=0,
+               merge_policy="always", merge_window=16, merge_min_dwell=3, merge_kernel="addmm", host_cache_bytes=12345,
                device_cache_adapters=5, device_cache_bytes=54321, device_cache_eviction="lru")
 
 
