@@ -33,7 +33,7 @@ MergeJob = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
 # MKL's GEMM. Measured (CPU fp32, AVX-512, all-linear MiniLM, 2 threads): about 1.1-1.2 copies at rank 8, 1.25-1.7
 # at 16 (addmm 1.75 and 1.9-2.2); at 32 the two are even, beyond it addmm's blocked GEMM is as fast or faster.
 MAX_FUSED_RANK = 32
-_ABI = 2  # lora_fused_merge_abi() of the C file this loader speaks to
+_ABI = 3  # lora_fused_merge_abi() of the C file this loader speaks to
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # DTYPE_* in the C file
 
 
@@ -58,6 +58,8 @@ def _load() -> ctypes.CDLL | None:
                 return None
             lib.lora_fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]
             lib.lora_fused_merge.restype = None
+            lib.lora_fused_merge_set_stream_min.argtypes = [ctypes.c_int64]
+            lib.lora_fused_merge_set_stream_min.restype = ctypes.c_int64
         except (OSError, AttributeError):  # not loadable, or not the library this file speaks to: use addmm
             return None
         return lib
@@ -65,6 +67,13 @@ def _load() -> ctypes.CDLL | None:
 
 
 _LIB = _load()
+
+
+def set_stream_min_bytes(n_bytes: int) -> int:
+    """Calls of the kernel that write more than `n_bytes` in all use streaming stores (-1: the size of the CPU's
+    last-level cache, the default); returns the previous setting. The written values are the same either way."""
+    assert _LIB is not None, "no compiled kernel"
+    return int(_LIB.lora_fused_merge_set_stream_min(n_bytes))
 
 
 def fused_kernel_available() -> bool:
