@@ -6,7 +6,8 @@ A switch rewrites every targeted weight from its pristine copy W0, so its floor 
 `torch.addmm(W0, L, R, alpha=s, out=W)` makes two passes over W (it copies W0 into W, then runs the rank-r GEMM
 over W): about 1.5-1.75 copies on CPU. The fused kernel (adapters/_fused_merge.c, compiled at install time
 when a C compiler is present) reads each row of W0 and writes it once, the update added on the way through
-registers: about one copy, and all layers of a switch in one call on torch's own OpenMP threads.
+registers (streaming stores once a switch outgrows the last-level cache): 1.1-1.6 copies, and all layers of a
+switch in one call on torch's own OpenMP threads.
 
 It runs for CPU float32 and bfloat16 tensors of rank up to MAX_FUSED_RANK (bfloat16 widened to float32 in
 registers, the sum rounded once to nearest even); everything else (CUDA, float16, larger ranks, no compiled
