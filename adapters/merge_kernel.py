@@ -6,7 +6,8 @@ A switch rewrites every targeted weight from its pristine copy W0, so its floor 
 `torch.addmm(W0, L, R, alpha=s, out=W)` makes two passes over W (it copies W0 into W, then runs the rank-r GEMM
 over W): about 1.5-1.75 copies on CPU. The fused kernel (adapters/_fused_merge.c, compiled at install time
 when a C compiler is present) reads each row of W0 and writes it once, the update added on the way through
-registers: about one copy, and all layers of a switch in one call on torch's own OpenMP threads.
+registers (streaming stores once a switch outgrows the last-level cache): 1.1-1.6 copies, and all layers of a
+switch in one call on torch's own OpenMP threads.
 
 It runs for CPU float32 and bfloat16 tensors of rank up to MAX_FUSED_RANK (bfloat16 widened to float32 in
 registers, the sum rounded once to nearest even); everything else (CUDA, float16, larger ranks, no compiled
@@ -33,7 +34,7 @@ MergeJob = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
 # MKL's GEMM. Measured (CPU fp32, AVX-512, all-linear MiniLM, 2 threads): about 1.1-1.2 copies at rank 8, 1.25-1.7
 # at 16 (addmm 1.75 and 1.9-2.2); at 32 the two are even, beyond it addmm's blocked GEMM is as fast or faster.
 MAX_FUSED_RANK = 32
-_ABI = 2  # lora_fused_merge_abi() of the C file this loader speaks to
+_ABI = 3  # lora_fused_merge_abi() of the C file this loader speaks to
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # DTYPE_* in the C file
 
 
@@ -58,6 +59,8 @@ def _load() -> ctypes.CDLL | None:
                 return None
             lib.lora_fused_merge.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64]
             lib.lora_fused_merge.restype = None
+            lib.lora_fused_merge_set_stream_min.argtypes = [ctypes.c_int64]
+            lib.lora_fused_merge_set_stream_min.restype = ctypes.c_int64
         except (OSError, AttributeError):  # not loadable, or not the library this file speaks to: use addmm
             return None
         return lib
@@ -65,6 +68,13 @@ def _load() -> ctypes.CDLL | None:
 
 
 _LIB = _load()
+
+
+def set_stream_min_bytes(n_bytes: int) -> int:
+    """Calls of the kernel that write more than `n_bytes` in all use streaming stores (-1: the size of the CPU's
+    last-level cache, the default); returns the previous setting. The written values are the same either way."""
+    assert _LIB is not None, "no compiled kernel"
+    return int(_LIB.lora_fused_merge_set_stream_min(n_bytes))
 
 
 def fused_kernel_available() -> bool:

@@ -10,6 +10,7 @@ from adapters.merge_kernel import (
     MAX_FUSED_RANK,
     fused_kernel_available,
     kernel_name,
+    set_stream_min_bytes,
     write_merged,
 )
 from tests.adapters.lora_fixtures import make_gpt2, random_weights
@@ -30,6 +31,9 @@ def kernel_calls(monkeypatch) -> list[int]:
         def lora_fused_merge(self, table, n_jobs, n_threads):
             calls.append(n_jobs)
             real.lora_fused_merge(table, n_jobs, n_threads)
+
+        def __getattr__(self, name):  # the kernel's other entry points, uncounted
+            return getattr(real, name)
 
     monkeypatch.setattr(merge_kernel, "_LIB", Counting())
     return calls
@@ -127,6 +131,33 @@ def test_result_does_not_depend_on_the_number_of_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols,rank,offset", [
+    (96, 384, 8, 0),   # every row starts on a cache line: streamed
+    (33, 200, 3, 0),   # 128 + 4·16 + 8 columns: rows alternate between aligned and not
+    (40, 256, 4, 5),   # no row on a cache line: plain stores even when streaming is on
+])
+def test_streaming_stores_write_the_same_bits(rows, cols, rank, offset, dtype, kernel_calls):
+    """A call larger than the last-level cache streams its stores; forced on for a small job here, the result must
+    equal the plain stores' bit for bit (W0, the factors and the order of the sums are the same)."""
+    _, w0, left, right, s = _job(rows, cols, rank, dtype=dtype)
+    results = []
+    for stream_min in (1 << 62, 0):  # never, always
+        buffer = torch.full((rows * cols + offset,), float("nan"), dtype=dtype)
+        out = buffer[offset:].view(rows, cols)
+        before = set_stream_min_bytes(stream_min)
+        try:
+            write_merged([(out, w0, left, right, s)])
+        finally:
+            set_stream_min_bytes(before)
+        results.append(out)
+    assert kernel_calls == [1, 1]
+    assert torch.equal(results[0], results[1])
+    if dtype == torch.float32:
+        torch.testing.assert_close(results[1].double(), _reference(w0, left, right, s), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
