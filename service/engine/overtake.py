@@ -117,7 +117,12 @@ class Overtaker:
         shape: dict[str, tuple[int, int]] = {}  # kind -> (rows, width) of its forward so far
         for item in taken:
             barrier = barrier or not _is_request(item)
-            if not barrier and self._qualifies(item, chosen, shape):
+            try:
+                runs_now = not barrier and self._qualifies(item, chosen, shape)
+            except Exception:  # noqa: BLE001 - an item taken off the queue must never be lost: it waits its turn
+                log.exception("could not tell whether a request may overtake; it waits for its turn")
+                runs_now = False
+            if runs_now:
                 rows, width = shape.get(item.kind, (0, 0))
                 shape[item.kind] = (rows + len(item.encoded), max([width] + [len(r) for r in item.encoded]))
                 chosen.append(item)
