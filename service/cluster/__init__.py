@@ -3,7 +3,7 @@
     HTTP ─► Serve proxy ─► LoraIngress (service/routes as they are; EngineDep = ClusterEngine, a proxy)
                                │ resolve model -> (name, sha256) in the shared store
                                ▼ handle.options(multiplexed_model_id="name@sha256")
-                           AdapterAffinityRouter (rendezvous hash, spill to the 2nd choice when busy)
+                           AdapterAffinityRouter (rendezvous hash; a hot adapter on several replicas)
                                ▼
                            LoraReplica × N (load_base_model + Engine, each its own caches and merge policy)
 

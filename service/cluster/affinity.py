@@ -8,27 +8,28 @@ the key's home, the next one its second choice. Removing a replica moves only th
 (each to its own second choice), and adding one takes over ~1/N of the keys: the rest of the cache stays
 warm.
 
-A home is *busy* when it has at least `spill_at` requests in flight and more than (1 + slack) times the
-mean of all replicas (bounded-load consistent hashing, Mirrokni et al. 2018). A busy home shares the key
-with its second choice (the shorter queue wins) when the second already holds the key, or when the home's
-queue is at least twice the second's plus `spill_at`: a hot adapter reaches the second replica once and is
-then served by both, instead of queueing behind one, while a cold adapter does not cost a second replica
-a load (and an eviction) just because its home is momentarily busier. Under even load every adapter
-stays on its home. (Both conditions were measured: with an absolute threshold alone every queue passes
-it under steady load and placement decays into random spreading; without the residency check, the 12%
-of requests that spilled cost 20% more cold loads.)
+Each key stays on its home, so each replica's device cache holds only the adapters homed there (about
+1/N of them): fewer cold loads than any placement that ignores the adapter. Three rules move requests:
 
-A replica whose recent requests are mostly (half or more) one adapter homed on it is *devoted* to it: the
-other adapters homed there go to their second choice (unless that one is far busier), so its share climbs
-and its merge policy merges the adapter (zero overhead); the hot adapter itself spreads to its second
-choice only once its home's queue is twice the second's plus `spill_at`. Ray's default router neither
-keeps a merged replica to its adapter nor spreads a hot one.
+- *More than one replica's worth.* A key with more than 1/N of the recent adapter requests is served by
+  its first ceil(share x N) choices together (the shortest queue wins): a hot adapter never queues behind
+  one replica, and it costs only those replicas a slot.
+- *Far busier.* A home whose queue is at least twice its second choice's plus `spill_at` shares the key
+  with the second: a burst does not wait behind a long queue. Nothing milder moves a key: measured, a
+  "busy" rule relative to the mean (bounded-load hashing) moved a fifth of the requests under steady
+  load on two replicas and cost most of affinity's saving in cold loads.
+- *Devoted.* A replica whose recent requests are mostly (half or more) one adapter homed on it is devoted
+  to it: the other adapters homed there go to their second choice (unless that one is far busier), so its
+  share climbs and its merge policy merges the adapter (zero overhead).
+
+Ray's default router neither keeps a merged replica to its adapter nor spreads a hot one.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Container, Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping
 
 __all__ = ["BASE", "CONTROL_PREFIX", "adapter_key", "parse_key", "short_key", "control_id", "control_target",
            "rendezvous_order", "placement"]
@@ -74,34 +75,32 @@ def rendezvous_order(key: str, replica_ids: Iterable[str]) -> list[str]:
 
 
 def placement(key: str, replica_ids: Iterable[str], loads: Mapping[str, int], spill_at: int,
-              slack: float = 0.25, resident: Mapping[str, Container[str]] | None = None,
-              dominant: Mapping[str, str | None] | None = None) -> list[list[str]]:
+              share: float = 0.0, dominant: Mapping[str, str | None] | None = None) -> list[list[str]]:
     """Ranks of candidate replicas for `key`, most preferred first (Ray picks the shortest queue within a
     rank that is not full, and tries the next rank only when the whole rank is full):
 
-        home keeps it:          [[home], [second], [everyone else]]
-        home shares:            [[home, second], [everyone else]]
-        home devoted to another [[second], [home], [everyone else]]
+        home keeps it:           [[home], [second], [everyone else]]
+        more than one replica's  [[home, second, ...k], [everyone else]]   k = ceil(share x replicas)
+          worth of traffic
+        home far busier:         [[home, second], [everyone else]]
+        home devoted to another  [[second], [home], [everyone else]]
 
-    `resident`: replica id -> the keys it holds (as Ray's multiplexing reports them; may lag a little).
+    `share`: the key's fraction of the adapter requests routed lately (all replicas).
     `dominant`: replica id -> the key with most of its recent requests (at least half), if any.
     """
     order = rendezvous_order(key, replica_ids)
     if len(order) <= 1:
         return [order] if order else []
-    home, second, rest = order[0], order[1], order[2:]
-    tail = [rest] if rest else []
+    home, second = order[0], order[1]
     at_home, at_second = loads.get(home, 0), loads.get(second, 0)
     far_busier = at_home >= 2 * at_second + spill_at
+    needs = min(len(order), math.ceil(share * len(order) - 1e-9))
+    if needs >= 2:  # more traffic than one replica's fair share: its first `needs` choices serve it together
+        return [order[:needs]] + ([order[needs:]] if order[needs:] else [])
     devoted_to = (dominant or {}).get(home)
     if devoted_to is not None and rendezvous_order(devoted_to, order)[0] != home:
         devoted_to = None  # a replica serving another's hot adapter as its second choice is not devoted to it
-    if devoted_to is not None:
-        if devoted_to != key and not at_second >= 2 * at_home + spill_at:
-            return [[second], [home]] + tail  # leave the home to its hot adapter, so that it can merge it
-        if devoted_to == key:
-            return ([[home, second]] if far_busier else [[home], [second]]) + tail
-    mean = sum(loads.get(r, 0) for r in order) / len(order)
-    busy = at_home >= spill_at and at_home > (1 + slack) * mean
-    cheap = key in (resident or {}).get(second, ()) or far_busier
-    return ([[home, second]] if busy and cheap else [[home], [second]]) + tail
+    tail = [order[2:]] if order[2:] else []
+    if devoted_to is not None and devoted_to != key and not at_second >= 2 * at_home + spill_at:
+        return [[second], [home]] + tail  # leave the home to its hot adapter, so that it can merge it
+    return ([[home, second]] if far_busier else [[home], [second]]) + tail

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray._private.ray_constants as ray_constants
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -79,8 +80,12 @@ def start_ray(settings: Settings) -> bool:
     if settings.ray_address or os.environ.get("RAY_ADDRESS"):  # Ray's own variable, as `ray.init()` reads it
         ray.init(address=settings.ray_address or os.environ["RAY_ADDRESS"], namespace="lora-service")
         return False
-    # A local instance is one machine: keep every Ray listener on 127.0.0.1 (Ray's own switch for that).
+    # A local instance is one machine: keep every Ray listener on 127.0.0.1 (Ray's own switch for that). Ray reads
+    # the variable when it is imported: the processes it starts inherit it, and this one, which imported Ray
+    # already, gets the constant it set (otherwise the GCS, the raylet and the workers listen on every address).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("0", "false"):
+        ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace="lora-service",
              runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK})
     return True

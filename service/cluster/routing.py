@@ -30,6 +30,7 @@ from service.cluster.affinity import control_target, placement, rendezvous_order
 __all__ = ["AdapterAffinityRouter", "RayMultiplexRouter", "live_replica_ids", "routing_stats", "ROUTERS"]
 
 _WINDOW = 64  # requests per replica the dominance is judged on (as the engine's merge policy's window)
+_SHARE_WINDOW = 256  # adapter requests a key's share of the traffic is judged on
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # the routers of this process (see _registry)
 
 
@@ -79,8 +80,10 @@ class AdapterAffinityRouter(_Targeting, RequestRouter):
         super().__init__(*args, **kwargs)
         self.spill_at = 4
         self.in_flight: Counter[str] = Counter()  # replica unique id -> requests dispatched, not completed
-        self.stats: Counter[str] = Counter()  # home / away / busy: where adapter requests went, and why
+        self.stats: Counter[str] = Counter()  # home / away / shared: where adapter requests went, and why
         self.recent: dict[str, deque[str]] = {}  # replica unique id -> keys of the last requests routed to it
+        self.lately: deque[str] = deque(maxlen=_SHARE_WINDOW)  # keys of the last adapter requests, all replicas
+        self.shares: Counter[str] = Counter()  # key -> its count in `lately`
 
     def initialize_state(self, spill_at: int = 4, **kwargs: Any) -> None:
         self.spill_at = spill_at
@@ -96,11 +99,11 @@ class AdapterAffinityRouter(_Targeting, RequestRouter):
         if not key:  # the base model, or no adapter: any replica, the shortest queue wins
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        resident = {i: r.multiplexed_model_ids for i, r in by_id.items()}
         dominant = {i: self._dominant(i) for i in by_id}
-        ranks = placement(key, by_id, self.in_flight, self.spill_at, resident=resident, dominant=dominant)
+        share = self.shares[key] / len(self.lately) if len(self.lately) >= _SHARE_WINDOW // 4 else 0.0
+        ranks = placement(key, by_id, self.in_flight, self.spill_at, share=share, dominant=dominant)
         if len(ranks[0]) > 1:
-            self.stats["busy"] += 1
+            self.stats["shared"] += 1
         return [[by_id[i] for i in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
@@ -109,6 +112,13 @@ class AdapterAffinityRouter(_Targeting, RequestRouter):
         if control_target(key) is None:
             self.recent.setdefault(replica_id.unique_id, deque(maxlen=_WINDOW)).append(key or "")
         if key and control_target(key) is None:
+            if len(self.lately) == self.lately.maxlen:
+                oldest = self.lately[0]
+                self.shares[oldest] -= 1
+                if not self.shares[oldest]:
+                    del self.shares[oldest]
+            self.lately.append(key)
+            self.shares[key] += 1
             order = rendezvous_order(key, (r.unique_id for r in self.curr_replicas))
             self.stats["home" if order and order[0] == replica_id.unique_id else "away"] += 1
 

@@ -140,3 +140,22 @@ def test_full_restart_keeps_the_adapters(cluster) -> None:
     assert close(embed(client, name), before)
     listed = client.get("/v1/adapters", params={"limit": 1000}).json()["data"]
     assert name in {a["name"] for a in listed}
+
+
+def test_every_listener_of_the_cluster_is_on_loopback(cluster) -> None:
+    """Ray's GCS, raylet, workers and Serve replicas (and anything else this session started) listen on
+    127.0.0.1 only: a local cluster is one machine and nothing outside it has to reach it."""
+    import ipaddress
+
+    import psutil
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 included
+
+    mine = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    listening = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in mine]
+    assert len(listening) > 3  # Ray's own listeners were seen at all
+    exposed = [(ip, port, psutil.Process(pid).name()) for ip, port, pid in listening if not loopback(ip)]
+    assert not exposed

@@ -42,21 +42,30 @@ def test_removing_a_replica_moves_only_its_keys() -> None:
     assert moved == {k for k in KEYS if before[k] == "r3"}  # the rest of every cache stays warm
 
 
-def test_a_busy_home_shares_with_its_second_choice_only() -> None:
+def test_a_key_stays_home_unless_the_home_is_far_busier() -> None:
     key = KEYS[0]
     home, second, *rest = rendezvous_order(key, REPLICAS)
     stay, share = [[home], [second], rest], [[home, second], rest]
     assert placement(key, REPLICAS, {home: 3}, spill_at=4) == stay  # a short queue
-    assert placement(key, REPLICAS, {home: 4}, spill_at=4) == share  # busy, above the mean, twice the second's
     even = {r: 8 for r in REPLICAS}  # a steady load queues everywhere: every key stays home
     assert placement(key, REPLICAS, even, spill_at=4) == stay
-    assert placement(key, REPLICAS, {**even, home: 10}, spill_at=4) == stay  # within the slack of the mean
-    # Busy, but a cold key would cost the second a load: it shares only once the home is far busier ...
-    assert placement(key, REPLICAS, {**even, home: 12}, spill_at=4) == stay
-    assert placement(key, REPLICAS, {**even, home: 20}, spill_at=4) == share
-    # ... or at once if the second holds the key already.
-    assert placement(key, REPLICAS, {**even, home: 12}, spill_at=4, resident={second: {key}}) == share
+    assert placement(key, REPLICAS, {**even, home: 19}, spill_at=4) == stay  # busier, not far busier
+    assert placement(key, REPLICAS, {**even, home: 20}, spill_at=4) == share  # twice the second's plus spill_at
+    assert placement(key, REPLICAS, {home: 4}, spill_at=4) == share  # an idle second: no point in waiting
     assert placement(key, ["solo"], {}, spill_at=1) == [["solo"]]
+
+
+def test_a_key_with_more_than_one_replicas_worth_of_traffic_is_served_by_several() -> None:
+    key = KEYS[0]
+    order = rendezvous_order(key, REPLICAS)
+    even = {r: 8 for r in REPLICAS}
+    assert placement(key, REPLICAS, even, spill_at=4, share=0.25) == [[order[0]], [order[1]], order[2:]]
+    assert placement(key, REPLICAS, even, spill_at=4, share=0.3) == [order[:2], order[2:]]
+    assert placement(key, REPLICAS, even, spill_at=4, share=0.6) == [order[:3], order[3:]]
+    assert placement(key, REPLICAS, even, spill_at=4, share=1.0) == [order]
+    two = REPLICAS[:2]  # the benchmark's case: 60% of the traffic on two replicas
+    assert placement(key, two, {}, spill_at=4, share=0.6) == [rendezvous_order(key, two)]
+    assert placement(key, two, {}, spill_at=4, share=0.45)[0] == [rendezvous_order(key, two)[0]]
 
 
 def test_a_home_devoted_to_a_hot_adapter_sends_the_others_to_their_second_choice() -> None:
