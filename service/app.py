@@ -88,7 +88,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         base = await run_in_threadpool(load_base_model, settings.base_model, settings.device, settings.dtype,
                                        settings.task)
-        threads = set_torch_threads(settings.torch_threads, base.device)
+        threads = set_torch_threads(settings.torch_threads)
         log.info("base model %s: task %s, %s parameters, %.1f MB %s on %s (%d torch threads); merges run on %s",
                  base.model_id, base.task, f"{base.num_parameters:,}", base.nbytes / 1e6, settings.dtype, base.device,
                  threads, kernel_name(base.device, base.dtype, fused=settings.merge_kernel == "auto"))

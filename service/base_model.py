@@ -9,7 +9,6 @@ the device, the tokenizer, label names, stop tokens and an embedding base's sent
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,14 +108,10 @@ def _stop_ids(model: nn.Module, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def set_torch_threads(requested: int | None, device: torch.device) -> int:
-    """Set torch's intra-op threads for the process: `requested`, else on the CPU one fewer than the CPUs this
-    process may use. Why: after each parallel region torch's OpenMP workers spin, waiting for the next one;
-    with one per core they take the core the event loop needs to parse and answer requests, and under
-    concurrent load a 2-CPU server served 21 requests/s with 2 threads against 99 with 1
-    (docs/cluster.md, Figures). On a GPU the forward runs there: torch's default is kept unless one is asked for."""
-    if requested is None and device.type == "cpu":
-        requested = max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else None
+def set_torch_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads for the process when asked (`--torch-threads`); torch's own default (one per
+    core) otherwise. Fewer threads than cores leave the event loop a core of its own: worth it where the server
+    shares its cores with other busy processes (torch's OpenMP workers spin between forwards)."""
     if requested is not None:
         torch.set_num_threads(requested)
     return torch.get_num_threads()

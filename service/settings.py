@@ -52,8 +52,7 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the base weights and of resident adapters."""
     torch_threads: int | None = Field(None, ge=1, le=1024)
-    """Threads torch uses for one forward on the CPU. Default: one fewer than the CPUs this process may use (at
-    least 1), so that the HTTP event loop keeps a core instead of waiting behind torch's spinning workers."""
+    """Threads torch uses for one forward on the CPU. Default: torch's own (one per core)."""
 
     # ---------------------------------------------------------------- the store
     store: Path | None = None

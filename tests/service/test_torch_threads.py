@@ -1,8 +1,6 @@
-"""The server's torch thread count: one fewer than its CPUs by default on the CPU, as asked otherwise."""
+"""The server's torch thread count: torch's own unless --torch-threads says otherwise."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -17,16 +15,10 @@ def _restore_threads():
     torch.set_num_threads(before)
 
 
-def test_cpu_default_leaves_the_event_loop_a_core():
-    torch.set_num_threads(7)
-    assert set_torch_threads(None, torch.device("cpu")) == max(1, len(os.sched_getaffinity(0)) - 1)
+def test_an_explicit_count_is_set():
+    assert set_torch_threads(3) == 3 and torch.get_num_threads() == 3
 
 
-def test_an_explicit_count_wins_on_any_device():
-    assert set_torch_threads(3, torch.device("cpu")) == 3
-    assert set_torch_threads(2, torch.device("cuda")) == 2
-
-
-def test_on_a_gpu_torch_keeps_its_own_default():
+def test_by_default_torch_keeps_its_own():
     torch.set_num_threads(5)
-    assert set_torch_threads(None, torch.device("cuda")) == 5
+    assert set_torch_threads(None) == 5
