@@ -139,10 +139,11 @@ class Settings(BaseSettings):
     replica_max_ongoing_requests: int = Field(64, ge=1)
     """Most requests in flight on one replica (more wait in the router); its batches take up to --max-batch-size."""
     cluster_router: Literal["affinity", "multiplex", "spread"] = "affinity"
-    """affinity: an adapter's requests go to its rendezvous-hash home (and spill to a 2nd replica when busy);
+    """affinity: an adapter's requests go to its rendezvous-hash home (a hot one to several replicas);
     multiplex: Ray's default multiplexed router; spread: ignore the adapter (shortest queue of two)."""
     spill_at: int = Field(8, ge=1)
-    """affinity: a home replica with this many requests in flight shares the adapter with its second choice."""
+    """affinity: a home replica whose queue is at least twice its second choice's plus this shares the adapter
+    with it."""
     cluster_request_timeout_s: float = Field(120.0, gt=0)
     """Longest the ingress waits for a replica's answer (or a stream's next token) before answering 503."""
     cluster_pin_poll_s: float = Field(1.0, gt=0)
