@@ -120,10 +120,18 @@ class WeightOwner:
                 except Exception as exc:  # noqa: BLE001 - that request's failure, not the batch's
                     failed[key] = exc
             self.tiers.trim(protect=set(refs) | protect)
+            self._forget_labels()
         for item in items:
             if item.key in failed:
                 item.fail(failed[item.key])
         return [i for i in items if i.key not in failed]
+
+    def _forget_labels(self) -> None:
+        """Keep a label only for a key that is resident or in the merge policy's window (what /v1/state shows),
+        so that serving many adapters over time does not grow the map without bound."""
+        if len(self._names) > 2 * (len(self.tiers.resident) + (self.policy.recent.maxlen or 0)):
+            shown = set(self.tiers.resident) | set(self.policy.recent)
+            self._names = {k: v for k, v in self._names.items() if k in shown}
 
     def trim(self, protect: set[str]) -> None:
         with self.lock:

@@ -51,3 +51,21 @@ def test_rare_adapters_do_not_push_out_frequent_ones(bert_dir, policy, kept):
     # Frequency: each one-off takes the slot the previous one-off held, and the popular pair stays resident.
     # LRU keeps the last three, so the popular pair's next requests would both be cold loads.
     assert set(state["resident_adapters"]) == kept
+
+
+def test_labels_of_adapters_long_gone_are_dropped(bert_dir):
+    base = load_base_model(str(bert_dir), "cpu", "float32")
+    store = DictStore()
+    for i in range(12):
+        store.items[f"a{i}"] = random_adapter(base.model, ["query"], seed=i, rank=2)
+    engine = Engine(base, settings(device_cache_adapters=1, merge_window=2), store)
+
+    async def main():
+        await engine.start()
+        for i in range(12):
+            await engine.embed(f"a{i}", ["x"])
+        await engine.stop()
+
+    asyncio.run(main())
+    labels = engine.weights._names
+    assert len(labels) <= 2 * (1 + 2) and "a11" in labels.values()  # bounded; the latest still named
