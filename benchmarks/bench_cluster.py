@@ -16,7 +16,7 @@
 `--cold-only` measures part 1's cluster routings only. benchmarks/sim_cold_loads.py gives the bound that
 placement and eviction allow on this workload. Everything listens on 127.0.0.1. Usage:
 python benchmarks/bench_cluster.py [--requests 1000] [--slots 16] [--evictions frequency,lru] [--cold-only]
-                                   [--json out.json]
+                                   [--spill-at 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ def kill_under_load(port: int, seconds: float = 50.0, kill_at: float = 8.0) -> d
             "rps_before": round(before, 1), "rps_per_second": [buckets.get(s, 0) for s in range(int(seconds))]}
 
 
-def run_cluster(store: Path, port: int, n: int, slots: int, evictions: list[str], cold_only: bool) -> dict:
+def run_cluster(store: Path, port: int, n: int, slots: int, evictions: list[str], cold_only: bool,
+                spill_at: int = 8) -> dict:
     """Part 1 for each router under each eviction order (keyed `router`, or `router/eviction` beyond the first),
     then, under the first eviction order, parts 2-4 unless `cold_only`."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -251,7 +252,7 @@ def run_cluster(store: Path, port: int, n: int, slots: int, evictions: list[str]
 
     out: dict[str, Any] = {}
     base = Settings(store=store, port=port, replicas=2, device="cpu", device_cache_adapters=slots,
-                    replica_num_cpus=1.0, cluster_request_timeout_s=60)
+                    replica_num_cpus=1.0, cluster_request_timeout_s=60, spill_at=spill_at)
     started = start_ray(absolute(base))
     try:
         for eviction, router in ((e, r) for e in evictions for r in ("spread", "multiplex", "affinity")):
@@ -316,6 +317,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=16, help="each replica's device cache, in adapters")
     ap.add_argument("--evictions", default="frequency", help="device-cache eviction orders to measure, comma-separated")
     ap.add_argument("--cold-only", action="store_true", help="part 1's cluster routings only")
+    ap.add_argument("--spill-at", type=int, default=8, help="the affinity router's --spill-at")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     evictions = args.evictions.split(",")
@@ -323,7 +325,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as tmp:
         store = Path(tmp) / "store"
         populate(store)
-        results = run_cluster(store, free_port(), args.requests, args.slots, evictions, args.cold_only)
+        results = run_cluster(store, free_port(), args.requests, args.slots, evictions, args.cold_only, args.spill_at)
         if not args.cold_only:
             results["single"] = run_single(store, free_port(), args.requests, args.slots, evictions[0])
             results["single_1_thread"] = run_single(store, free_port(), args.requests, args.slots, evictions[0],
@@ -338,6 +340,7 @@ def main() -> None:
     if args.json:
         write_json(args.json, {"machine": machine, "concurrency": CONCURRENCY, "adapters": N_ADAPTERS,
                                "zipf_s": ZIPF_S, "device_cache_adapters": args.slots, "evictions": evictions,
+                               "spill_at": args.spill_at,
                                **results})
 
 
