@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections import deque
 from contextlib import contextmanager
 from typing import Any
@@ -58,8 +59,9 @@ class Overtaker:
     """Loop thread only. `deferred` is shared with the Scheduler, which takes its items before the queue's."""
 
     def __init__(self, base: LoadedBase, weights: WeightOwner, work: queue.Queue, deferred: deque,
-                 budget: int, max_requests: int) -> None:
+                 budget: int, max_requests: int, metrics: Any = None) -> None:
         self.base, self.weights, self.work, self.deferred = base, weights, work, deferred
+        self.metrics = metrics
         self.budget, self.max_requests = budget, max_requests
         self._armed = False
         blocks = transformer_blocks(base.model) if budget > 0 and base.task != "generate" else None
@@ -96,7 +98,11 @@ class Overtaker:
                 try:
                     group = admissible(lm, self.base, group)
                     if group:
+                        started = time.perf_counter()
                         run_batch(lm, self.base, group)  # one forward; a failure reruns them one by one
+                        if self.metrics is not None:  # a forward like any other in lora_batch_size / _seconds
+                            self.metrics.batch_size.observe(len(group))
+                            self.metrics.forward_seconds.observe(time.perf_counter() - started)
                 except Exception as exc:  # noqa: BLE001 - those requests' outcome, not the paused forward's
                     for item in group:
                         item.fail(request_error(exc))

@@ -62,7 +62,8 @@ class Scheduler:
         self._splices = True  # whether this model's KV cache could be spliced at the last join (see _join)
         self.deferred: deque = deque()  # taken off the queue by an overtake but not run: next, in their order
         overtake = self.max_batch_tokens // 4 if config.overtake_tokens is None else config.overtake_tokens
-        self.overtaker = Overtaker(base, weights, self.queue, self.deferred, overtake, config.max_batch_size)
+        self.overtaker = Overtaker(base, weights, self.queue, self.deferred, overtake, config.max_batch_size,
+                                   metrics)
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:

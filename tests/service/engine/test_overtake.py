@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +23,14 @@ from tests.service.engine.test_engine import make_engine
 WORDS = "the quick brown fox jumps over the lazy dog while adapters stay small and fast".split()
 LONG = " ".join(WORDS[i % len(WORDS)] for i in range(100))  # 102 tokens
 SHORT = "hello"  # 3 tokens
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
 
 
 class Gate:
@@ -76,6 +85,8 @@ async def start_long(engine, longs: list[str], gate: Gate, finished: list[str]) 
 def test_a_short_request_overtakes_a_long_forward_with_the_results_it_gets_alone(bert_dir, longs, shorts):
     engine = make_engine(bert_dir, max_batch_tokens=256)
     gate, finished = Gate(engine), []
+    observed = SimpleNamespace(batch_size=Recorder(), forward_seconds=Recorder())
+    engine.scheduler.overtaker.metrics = observed  # what the overtaking forward reports
 
     async def main():
         await engine.start()
@@ -92,6 +103,7 @@ def test_a_short_request_overtakes_a_long_forward_with_the_results_it_gets_alone
 
     together, alone = asyncio.run(main())
     assert set(finished[:len(shorts)]) == {f"short {n}" for n in shorts}  # answered inside the long forward
+    assert observed.batch_size.values == [len(shorts)] and len(observed.forward_seconds.values) == 1
     for got, want in zip(together, alone, strict=True):
         np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-6)
 
