@@ -305,10 +305,21 @@ def test_a_deleted_or_replaced_blob_stays_until_a_collection(store: AdapterStore
     with pytest.raises(UnknownAdapterError, match="no longer exists"):
         store.load_weights(old)  # that version is gone: 404, not a damaged store
     assert store.collect_garbage(grace_s=0).as_dict() == {"orphans": [], "leftovers": [], "temporary": 0,
-                                                          "dangling": [], "kept_young": 0}  # idempotent
+                                                          "dangling": [], "kept_young": 0,
+                                                          "changes_pruned": 0}  # idempotent
     store.delete("a")
     store.collect_garbage(grace_s=0)
     assert list(store.blobs.list()) == []
+
+
+def test_a_collection_prunes_the_change_log_past_the_grace(store: AdapterStore):
+    for seed in range(3):
+        store.put(f"a{seed}", canonicalize(make_adapter(BERT_TARGETS, seed=seed)))
+    store.delete("a0")
+    latest = store.index.sequence()
+    assert store.collect_garbage(grace_s=3600).changes_pruned == 0 and len(store.index.changes_since(0)) == 4
+    assert store.collect_garbage(grace_s=0).changes_pruned == 3
+    assert store.index.changes_since(latest - 1) == [(latest, "a0")] and store.index.sequence() == latest
 
 
 def test_an_unreferenced_blob_is_a_leftover_once_older_than_the_grace(store: AdapterStore):
