@@ -25,6 +25,7 @@ from service.storage.interfaces import (
     AdapterIndex,
     AdapterRecord,
     BlobStore,
+    ChangesPrunedError,
     NewAdapter,
     StorageUnavailableError,
 )
@@ -36,7 +37,7 @@ __all__ = [
     "open_store", "AdapterStore", "AdapterIndex", "BlobStore", "AdapterRecord", "NewAdapter", "CanonicalAdapter",
     "canonicalize", "adapter_digest", "check_name", "NAME_PATTERN", "RESERVED_NAMES", "FILENAMES", "GcReport",
     "DEFAULT_GRACE_S", "SqliteIndex", "LocalBlobStore", "AdapterExistsError", "InvalidAdapterNameError",
-    "MissingBlobError", "ForeignStoreError", "StorageUnavailableError", "local_store",
+    "MissingBlobError", "ForeignStoreError", "StorageUnavailableError", "ChangesPrunedError", "local_store",
 ]
 
 

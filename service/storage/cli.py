@@ -5,8 +5,9 @@
     lora-store gc --index-url postgresql://lora:PW@db/lora --blob-url s3://adapters/prod   # a shared store
 
 Removes blobs orphaned (by deletes and overwrites) for longer than the grace period, unreferenced
-leftovers of crashed uploads older than it, and interrupted writes older than it; prints what it did as
-JSON. The store is named as lora-serve names it (--store, --index-url, --blob-url, or their LORA_*
+leftovers of crashed uploads older than it, interrupted writes older than it, and the index's change-log
+records older than it (all but the newest); prints what it did as JSON (`changes_pruned`: how many
+records). The store is named as lora-serve names it (--store, --index-url, --blob-url, or their LORA_*
 variables; S3 endpoint and keys from AWS_*). A server runs the same step, with the default grace, when it
 starts on local blobs; blobs in a bucket are collected only by this command (run it from cron, say).
 """
@@ -28,7 +29,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-store", description="Maintenance of a lora-service adapter store.")
     commands = parser.add_subparsers(dest="command", required=True)
-    gc = commands.add_parser("gc", help="remove orphaned blobs and leftovers older than the grace period")
+    gc = commands.add_parser("gc", help="remove orphaned blobs, leftovers and change-log records older than "
+                                       "the grace period")
     gc.add_argument("--store", type=Path, help="the store directory (as given to lora-serve --store); needed for "
                                                "whatever --index-url / --blob-url leave local")
     gc.add_argument("--index-url", help="postgresql://... (as given to lora-serve; default LORA_INDEX_URL)")

@@ -4,7 +4,10 @@
                  and blobs.delete: the index re-checks, in one transaction, that no row took the digest back);
     2. temporary leftovers of interrupted blob writes older than `grace_s` (blobs.collect_temporary);
     3. leftovers blobs that no row references and no orphan note covers (a crash between the blob and the
-                 row), older than `grace_s`.
+                 row), older than `grace_s`;
+    4. changes   records of the index's change log older than `grace_s`, except the newest (index.prune_changes):
+                 a follower further behind than that (a name cache's listener down for longer) learns from
+                 `changes_since` that it missed some and starts over.
 
 It never runs on open: opening a store deletes nothing. The grace period is what makes it safe while
 another process uploads: an upload writes its blob (fresh, so younger than the grace) before its row, and
@@ -37,6 +40,7 @@ class GcReport:
     temporary: int = 0  # interrupted writes removed
     dangling: list[str] = field(default_factory=list)  # sha256s that rows point at, missing from the blob store
     kept_young: int = 0  # unreferenced blobs left alone because they are younger than the grace
+    changes_pruned: int = 0  # change-log records removed, older than the grace
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,10 +69,12 @@ def collect_garbage(index: AdapterIndex, blobs: BlobStore, grace_s: float = DEFA
         blobs.delete(sha)
         report.leftovers.append(sha)
     report.dangling = sorted(referenced - present.keys())
+    report.changes_pruned = index.prune_changes(grace_s)
 
-    if report.orphans or report.leftovers or report.temporary:
-        log.info("store gc: removed %d orphaned blobs, %d unreferenced leftovers, %d interrupted writes",
-                 len(report.orphans), len(report.leftovers), report.temporary)
+    if report.orphans or report.leftovers or report.temporary or report.changes_pruned:
+        log.info("store gc: removed %d orphaned blobs, %d unreferenced leftovers, %d interrupted writes, "
+                 "%d change-log records", len(report.orphans), len(report.leftovers), report.temporary,
+                 report.changes_pruned)
     if report.dangling:
         log.error("store: %d blob(s) that index rows point at are missing (%s); requests for those adapters "
                   "answer 500 until they are deleted or uploaded again", len(report.dangling),

@@ -14,7 +14,10 @@ Rules every implementation keeps:
   * The index assigns versions: 1 for a new name, last + 1 after an overwrite, and never reuses a
     version, even after a delete.
   * Every put and delete bumps the index's sequence number and records (seq, name), so another process
-    can follow changes with `changes_since` (PostgreSQL adds LISTEN/NOTIFY on top).
+    can follow changes with `changes_since` (PostgreSQL adds LISTEN/NOTIFY on top). Sequence numbers only
+    grow. `prune_changes` (run by `collect_garbage`) drops old records but always keeps the newest, so
+    `sequence()` never goes back; a follower that fell behind the pruned point learns it from
+    `changes_since` (ChangesPrunedError) and starts over from the present.
   * The index never deletes blobs. A put or delete that leaves a sha256 with no row records it as an
     orphan (with the time); `collect_garbage` (service/storage/gc.py) removes blobs orphaned for longer
     than a grace period, so it is safe while another process uploads the same bytes.
@@ -26,7 +29,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["AdapterRecord", "NewAdapter", "AdapterIndex", "BlobStore", "StorageUnavailableError"]
+__all__ = ["AdapterRecord", "NewAdapter", "AdapterIndex", "BlobStore", "StorageUnavailableError",
+           "ChangesPrunedError", "checked_changes"]
 
 
 class StorageUnavailableError(RuntimeError):
@@ -36,6 +40,26 @@ class StorageUnavailableError(RuntimeError):
     def __init__(self, component: str, message: str) -> None:
         super().__init__(message)
         self.component = component
+
+
+class ChangesPrunedError(RuntimeError):
+    """`changes_since(since)` cannot list every change after `since`: some were pruned (the oldest kept is
+    `oldest`, past since + 1). The caller has missed changes it can no longer read, so it must treat
+    everything as changed (drop its whole cache) and carry on from `latest`, the newest change now."""
+
+    def __init__(self, since: int, oldest: int, latest: int) -> None:
+        super().__init__(f"changes after {since} were pruned: the oldest kept is {oldest} (the newest {latest})")
+        self.since, self.oldest, self.latest = since, oldest, latest
+
+
+def checked_changes(seq: int, rows: list[tuple]) -> list[tuple[int, str]]:
+    """For implementations of `changes_since`: `rows` are (seq, name, oldest kept seq) read in one snapshot, with
+    one row (None, None, oldest) when nothing came after `seq`; the changes, or ChangesPrunedError."""
+    changes = [(s, n) for s, n, _ in rows if s is not None]
+    oldest = rows[0][2] if rows else None
+    if oldest is not None and oldest > seq + 1:
+        raise ChangesPrunedError(seq, oldest, changes[-1][0] if changes else oldest)
+    return changes
 
 
 @dataclass(frozen=True)
@@ -104,7 +128,14 @@ class AdapterIndex(Protocol):
         """The number of the latest change (0 for an empty, never-changed index)."""
 
     def changes_since(self, seq: int) -> list[tuple[int, str]]:
-        """(seq, name) of every change after `seq`, oldest first."""
+        """(seq, name) of every change after `seq`, oldest first. Raises ChangesPrunedError if the oldest kept
+        change is past seq + 1, read in the same snapshot as the rows: some after `seq` may be gone. Numbers
+        can have gaps (PostgreSQL spends one on a rolled-back insert), so this may also fire for a gap at the
+        very start; the caller's answer, starting over, is correct either way."""
+
+    def prune_changes(self, older_than_s: float) -> int:
+        """Delete the change records older than `older_than_s` seconds, except the newest record of all (so
+        `sequence()` stays where it is); returns how many went. What goes is always a prefix of the log."""
 
     def get_meta(self, key: str) -> str | None:
         """A store-wide fact (for example the identity of the base model the store belongs to)."""

@@ -18,7 +18,9 @@ B could still beat the notification to B. So the cache answers only under a leas
     than ttl_s is served rather than failing the request (the only way an answer can be stale).
 
 After a reconnection, changes missed while disconnected are read with `changes_since` (NOTIFY does not
-replay) before the lease is renewed. A fill that raced with an invalidation is not stored.
+replay) before the lease is renewed. If some of them were pruned meanwhile (`lora-store gc` prunes the log
+past its grace period), the names they touched are unknown, so the whole cache is dropped instead. A fill
+that raced with an invalidation is not stored.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from typing import Any
 import psycopg
 
 from adapters import UnknownAdapterError
-from service.storage.interfaces import AdapterRecord, NewAdapter, StorageUnavailableError
-from service.storage.postgres_index import PostgresIndex
+from service.storage.interfaces import AdapterRecord, ChangesPrunedError, NewAdapter, StorageUnavailableError
+from service.storage.postgres_index import PostgresIndex, read_changes
 from service.storage.postgres_schema import CHANNEL
 
 __all__ = ["CachedIndex"]
@@ -50,7 +52,7 @@ class CachedIndex:
                  max_entries: int = 10_000) -> None:
         self.index, self.ttl_s, self.lease_s, self.max_entries = index, ttl_s, lease_s, max_entries
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.stats = {"hits": 0, "misses": 0, "stale_served": 0, "reconnects": 0}
+        self.stats = {"hits": 0, "misses": 0, "stale_served": 0, "reconnects": 0, "resyncs": 0}
         self._entries: OrderedDict[str, tuple[float, AdapterRecord | None]] = OrderedDict()  # None: no such name
         self._lock = threading.Lock()
         self._generation = 0  # bumped by every invalidation: a fill that saw an older one is not stored
@@ -113,6 +115,9 @@ class CachedIndex:
 
     def changes_since(self, seq: int) -> list[tuple[int, str]]:
         return self.index.changes_since(seq)
+
+    def prune_changes(self, older_than_s: float) -> int:
+        return self.index.prune_changes(older_than_s)
 
     def get_meta(self, key: str) -> str | None:
         return self.index.get_meta(key)
@@ -193,7 +198,13 @@ class CachedIndex:
             seq = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
             self._invalidate(None, seq)
             return
-        rows = conn.execute("SELECT seq, name FROM changes WHERE seq > %s ORDER BY seq", (self._applied,)).fetchall()
+        try:
+            rows = read_changes(conn, self._applied)
+        except ChangesPrunedError as exc:  # which names changed is lost with the pruned rows: drop them all
+            log.warning("name cache: %s; dropping every entry", exc)
+            self.stats["resyncs"] += 1
+            self._invalidate(None, exc.latest)
+            return
         if rows:
             self._invalidate([name for _, name in rows], rows[-1][0])
 

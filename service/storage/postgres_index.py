@@ -28,10 +28,10 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from adapters import UnknownAdapterError
 from service.storage.errors import AdapterExistsError
-from service.storage.interfaces import AdapterRecord, NewAdapter, StorageUnavailableError
+from service.storage.interfaces import AdapterRecord, NewAdapter, StorageUnavailableError, checked_changes
 from service.storage.postgres_schema import CHANGES_LOCK, CHANNEL, migrate
 
-__all__ = ["PostgresIndex"]
+__all__ = ["PostgresIndex", "read_changes"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,9 +158,14 @@ class PostgresIndex:
         return self._run(lambda c: c.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0])
 
     def changes_since(self, seq: int) -> list[tuple[int, str]]:
-        rows = self._run(lambda c: c.execute("SELECT seq, name FROM changes WHERE seq > %s ORDER BY seq",
-                                             (seq,)).fetchall())
-        return [(s, n) for s, n in rows]
+        return self._run(lambda c: read_changes(c, seq))
+
+    def prune_changes(self, older_than_s: float) -> int:
+        # Everything up to the newest old row goes, never the newest of all: what is left is a suffix of the
+        # log (changes_since relies on it), and max(seq), the sequence, stays put.
+        return self._run(lambda c: c.execute(
+            "DELETE FROM changes WHERE seq < (SELECT max(seq) FROM changes) AND seq <= (SELECT max(seq) FROM changes "
+            "WHERE at <= clock_timestamp() - make_interval(secs => %s))", (float(older_than_s),)).rowcount, write=True)
 
     def get_meta(self, key: str) -> str | None:
         row = self._run(lambda c: c.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone())
@@ -277,6 +282,14 @@ class _Stale(Exception):
 def _record(row: tuple) -> AdapterRecord:
     name, version, sha, nbytes, rank, targets, params, task_type, created_at, meta = row
     return AdapterRecord(name, version, sha, nbytes, rank, list(targets), params, task_type, created_at, dict(meta))
+
+
+def read_changes(conn: psycopg.Connection, seq: int) -> list[tuple[int, str]]:
+    """changes_since on a given connection (the name cache's listener reads on its own). One statement, so the
+    oldest kept seq and the rows come from one snapshot while another process may be pruning."""
+    rows = conn.execute("SELECT c.seq, c.name, k.oldest FROM (SELECT min(seq) AS oldest FROM changes) k "
+                        "LEFT JOIN changes c ON c.seq > %s ORDER BY c.seq", (seq,)).fetchall()
+    return checked_changes(seq, rows)
 
 
 def _where(url: str) -> str:

@@ -3,7 +3,8 @@
     meta       key -> value                          store-wide facts (the base model's identity, the cluster's pins)
     adapters   name -> version, sha256, ...          what each name points at now
     versions   name -> last version ever given       so a version is never reused, even after a delete
-    changes    seq (BIGSERIAL) -> name               one row per put/delete; `changes_since`, NOTIFY payloads
+    changes    seq (BIGSERIAL) -> name               one row per put/delete; `changes_since`, NOTIFY payloads;
+                                                     old rows pruned by `prune_changes` (gc), the newest kept
     orphans    sha256 -> since                       blobs that lost their last row (garbage after a grace)
     listeners  id -> acked_seq, lease_until          name caches (name_cache.py) a writer waits for
 

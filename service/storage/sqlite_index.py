@@ -2,7 +2,8 @@
 
     adapters  name -> version, sha256, bytes, rank, targets, ...   (today's table, unchanged)
     versions  name -> last version ever given                      (so versions never repeat after a delete)
-    changes   seq -> name, at                                      (every put and delete, for changes_since)
+    changes   seq -> name, at                                      (every put and delete, for changes_since;
+                                                                    pruned by prune_changes, the newest kept)
     orphans   sha256 -> since                                      (lost its last row at `since`, Unix seconds)
     meta      key -> value                                         (store-wide facts: base identity, cluster pins)
 
@@ -20,11 +21,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from adapters import UnknownAdapterError
 from service.storage.errors import AdapterExistsError
-from service.storage.interfaces import AdapterRecord, NewAdapter
+from service.storage.interfaces import AdapterRecord, NewAdapter, checked_changes
 
 __all__ = ["SqliteIndex"]
 
@@ -102,9 +103,11 @@ class SqliteIndex:
             return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
 
     def changes_since(self, seq: int) -> list[tuple[int, str]]:
+        # One statement, so the oldest kept seq and the rows come from one snapshot (another process may prune).
         with self._lock:
-            return [tuple(r) for r in self._db.execute("SELECT seq, name FROM changes WHERE seq > ? ORDER BY seq",
-                                                       (seq,))]
+            rows = self._db.execute("SELECT c.seq, c.name, k.oldest FROM (SELECT MIN(seq) AS oldest FROM changes) k "
+                                    "LEFT JOIN changes c ON c.seq > ? ORDER BY c.seq", (seq,)).fetchall()
+        return checked_changes(seq, rows)
 
     def get_meta(self, key: str) -> str | None:
         with self._lock:
@@ -160,6 +163,14 @@ class SqliteIndex:
                 return False
             self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
             return True
+
+    def prune_changes(self, older_than_s: float) -> int:
+        # ISO 8601 text in UTC with fixed milliseconds (_now_iso) sorts as time does. Everything up to the newest
+        # old row goes, so what is left is a suffix of the log even if the clock stepped back meanwhile.
+        cutoff = (datetime.now(UTC) - timedelta(seconds=older_than_s)).isoformat(timespec="milliseconds")
+        with self._lock, self._transaction():
+            return self._db.execute("DELETE FROM changes WHERE seq < (SELECT MAX(seq) FROM changes) "
+                                    "AND seq <= (SELECT MAX(seq) FROM changes WHERE at <= ?)", (cutoff,)).rowcount
 
     # ------------------------------------------------------------------ internals
     def _is_referenced(self, sha256: str) -> bool:

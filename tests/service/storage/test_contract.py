@@ -21,6 +21,7 @@ from service.storage import (
     AdapterIndex,
     AdapterStore,
     BlobStore,
+    ChangesPrunedError,
     MissingBlobError,
     NewAdapter,
     canonicalize,
@@ -102,6 +103,32 @@ def test_every_change_is_sequenced(index: AdapterIndex):
     seqs = [seq for seq, _ in changes]
     assert seqs == sorted(seqs) and seqs[0] > mark and seqs[-1] == index.sequence()
     assert index.changes_since(index.sequence()) == []
+
+
+def test_pruning_changes_keeps_the_newest_and_the_sequence(index: AdapterIndex):
+    assert index.prune_changes(0) == 0  # an empty log
+    index.put(_new("a"), overwrite=False)
+    index.put(_new("b"), overwrite=False)
+    index.delete("a")
+    old = index.sequence()
+    time.sleep(1.5)
+    index.put(_new("c"), overwrite=False)
+    index.put(_new("d"), overwrite=False)
+    latest = index.sequence()
+    assert index.prune_changes(3600) == 0 and len(index.changes_since(0)) == 5  # all younger than an hour
+    assert index.prune_changes(1.0) == 3  # the three written before the pause
+    assert index.sequence() == latest
+    assert [name for _, name in index.changes_since(old)] == ["c", "d"]  # a follower at the pruned point: exact
+    with pytest.raises(ChangesPrunedError) as pruned:  # a follower further behind is told, never silently short
+        index.changes_since(old - 1)
+    assert (pruned.value.since, pruned.value.latest) == (old - 1, latest)
+    assert index.prune_changes(0) == 1 and index.prune_changes(0) == 0  # the newest always stays
+    assert index.sequence() == latest and index.changes_since(latest - 1) == [(latest, "d")]
+    assert index.changes_since(latest) == []
+    with pytest.raises(ChangesPrunedError):
+        index.changes_since(old)
+    index.put(_new("e"), overwrite=False)
+    assert index.sequence() > latest and index.changes_since(latest) == [(index.sequence(), "e")]
 
 
 def test_orphans_are_noted_when_the_last_row_goes(index: AdapterIndex):
@@ -278,10 +305,21 @@ def test_a_deleted_or_replaced_blob_stays_until_a_collection(store: AdapterStore
     with pytest.raises(UnknownAdapterError, match="no longer exists"):
         store.load_weights(old)  # that version is gone: 404, not a damaged store
     assert store.collect_garbage(grace_s=0).as_dict() == {"orphans": [], "leftovers": [], "temporary": 0,
-                                                          "dangling": [], "kept_young": 0}  # idempotent
+                                                          "dangling": [], "kept_young": 0,
+                                                          "changes_pruned": 0}  # idempotent
     store.delete("a")
     store.collect_garbage(grace_s=0)
     assert list(store.blobs.list()) == []
+
+
+def test_a_collection_prunes_the_change_log_past_the_grace(store: AdapterStore):
+    for seed in range(3):
+        store.put(f"a{seed}", canonicalize(make_adapter(BERT_TARGETS, seed=seed)))
+    store.delete("a0")
+    latest = store.index.sequence()
+    assert store.collect_garbage(grace_s=3600).changes_pruned == 0 and len(store.index.changes_since(0)) == 4
+    assert store.collect_garbage(grace_s=0).changes_pruned == 3
+    assert store.index.changes_since(latest - 1) == [(latest, "a0")] and store.index.sequence() == latest
 
 
 def test_an_unreferenced_blob_is_a_leftover_once_older_than_the_grace(store: AdapterStore):

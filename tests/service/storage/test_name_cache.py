@@ -133,6 +133,31 @@ def test_catch_up_invalidates_what_changed_while_disconnected(postgres_url):
         writer.close()
 
 
+def test_a_catch_up_point_pruned_away_drops_the_whole_cache(postgres_url):
+    url = create_database(postgres_url)
+    writer = PostgresIndex(url, timeout_s=2)
+    reader = CachedIndex(PostgresIndex(url, timeout_s=2), ttl_s=60, lease_s=30)
+    try:
+        wait_until(lambda: reader.trusted)
+        writer.put(new("k"), overwrite=False)
+        writer.put(new("other"), overwrite=False)
+        assert reader.get("k").version == 1 and reader.get("other").version == 1
+        # While the listener was (as it were) disconnected: "other" changed, then "k", and a collection pruned the
+        # log down to its newest row, so the record of the change to "other" is gone.
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("INSERT INTO changes (name, op) VALUES ('other', 'put')")
+            conn.execute("UPDATE adapters SET version = 99 WHERE name = 'other'")
+            conn.execute("INSERT INTO changes (name, op) VALUES ('k', 'put')")
+            conn.execute("DELETE FROM changes WHERE seq < (SELECT max(seq) FROM changes)")
+            assert reader.get("other").version == 1  # nothing told the cache
+            reader._catch_up(conn)
+        assert reader.get("other").version == 99  # not just "k": everything was dropped
+        assert reader.stats["resyncs"] == 1 and reader.describe()["applied_seq"] == writer.sequence()
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_a_frozen_listener_delays_writes_by_at_most_its_lease(two_servers):
     writer, reader = two_servers
     with psycopg.connect(writer.url, autocommit=True) as conn:  # a server that stopped acking, lease 3 s
