@@ -26,7 +26,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import adapters as A  # noqa: E402
+from benchmarks.bench_http import free_port, start_server  # noqa: E402
 from benchmarks.common import machine_info, markdown_table, write_json  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.storage import canonicalize, local_store  # noqa: E402
@@ -48,12 +48,6 @@ from service.storage import canonicalize, local_store  # noqa: E402
 N_ADAPTERS, ZIPF_S, CONCURRENCY = 200, 1.1, 16
 WORDS = "the quick brown fox jumps over a lazy dog while small adapters serve many tasks at once".split()
 MINILM = {f"encoder.layer.{i}.attention.self.{m}": 384 for i in range(6) for m in ("query", "value")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def adapter_bytes(seed: int) -> tuple[bytes, bytes]:
@@ -285,23 +279,10 @@ def run_cluster(store: Path, port: int, n: int, slots: int, evictions: list[str]
 
 def run_single(store: Path, port: int, n: int, slots: int, eviction: str, threads: int | None = None) -> dict:
     """`threads`: --torch-threads (default: torch's, one per core; Ray gives each replica its num_cpus, here 1)."""
-    env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--store",
-                             str(store), "--log-level", "warning", "--device", "cpu",
-                             "--device-cache-adapters", str(slots), "--device-cache-eviction", eviction,
-                             *(["--torch-threads", str(threads)] if threads else [])],
-                            cwd=ROOT, env=env)
+    proc = start_server(store, port, "--device", "cpu", "--device-cache-adapters", str(slots),
+                        "--device-cache-eviction", eviction, *(["--torch-threads", str(threads)] if threads else []),
+                        merge_policy="auto")
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError("the single server did not start")
-            time.sleep(0.5)
         return measure(port, n, single=True)
     finally:
         proc.send_signal(signal.SIGINT)

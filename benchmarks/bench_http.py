@@ -55,9 +55,10 @@ def workload(n: int) -> list[tuple[str, str]]:
     return [(f"task-{rng.randrange(N_ADAPTERS):03d}", " ".join(rng.choices(WORDS, k=12))) for _ in range(n)]
 
 
-def start_server(store: Path, port: int, *extra: str) -> subprocess.Popen:
+def start_server(store: Path, port: int, *extra: str, merge_policy: str = "never") -> subprocess.Popen:
+    """`python -m service` on 127.0.0.1:port over `store`, returned once /readyz answers 200."""
     proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--store",
-                             str(store), "--log-level", "warning", "--merge-policy", "never", *extra], cwd=ROOT)
+                             str(store), "--log-level", "warning", "--merge-policy", merge_policy, *extra], cwd=ROOT)
     deadline = time.time() + 180
     while time.time() < deadline:
         try:

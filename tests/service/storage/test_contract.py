@@ -44,6 +44,21 @@ def _new(name: str, sha: str = _sha("x"), **kwargs) -> NewAdapter:
 FILES = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"\x00" * 64}
 
 
+def _at_once(fn, n: int) -> None:
+    """fn(0) ... fn(n - 1), each in its own thread, released together by a barrier (as n processes racing)."""
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        fn(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
 # ---------------------------------------------------------------------------------------------- the index
 def test_index_creates_a_name_once(index: AdapterIndex):
     record, replaced = index.put(_new("a", meta={"k": [1, 2]}), overwrite=False)
@@ -181,12 +196,8 @@ def test_concurrent_compare_and_set_loses_no_update(index_spec):
                 if index.compare_and_set_meta("counter", current, str(int(current or 0) + 1)):
                     break
 
-    threads = [threading.Thread(target=bump, args=(ix,)) for ix in indexes for _ in range(2)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        _at_once(lambda i: bump(indexes[i % 2]), 4)  # two threads on each connection
         assert indexes[0].get_meta("counter") == "60"
     finally:
         for ix in indexes:
@@ -206,21 +217,16 @@ def test_two_connections_see_each_other(index: AdapterIndex, index_spec):
 
 def test_concurrent_puts_of_one_name_one_wins(index_spec):
     indexes = [open_index(*index_spec) for _ in range(2)]  # as two processes would
-    barrier, outcomes = threading.Barrier(2), []
+    outcomes = []
 
     def put(i: int) -> None:
-        barrier.wait()
         try:
             indexes[i].put(_new("same", sha=_sha(str(i))), overwrite=False)
             outcomes.append("won")
         except AdapterExistsError:
             outcomes.append("409")
 
-    threads = [threading.Thread(target=put, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _at_once(put, 2)
     try:
         assert sorted(outcomes) == ["409", "won"] and indexes[0].get("same").version == 1
     finally:
@@ -258,17 +264,8 @@ def test_collect_temporary_leaves_stored_blobs(blobs: BlobStore):
 
 def test_concurrent_puts_of_one_blob(blobs: BlobStore, blob_spec):
     stores, sha = [blobs, open_blobs(*blob_spec)], _sha("blob")
-    barrier, results = threading.Barrier(2), []
-
-    def put(i: int) -> None:
-        barrier.wait()
-        results.append(stores[i].put(sha, FILES))
-
-    threads = [threading.Thread(target=put, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = []
+    _at_once(lambda i: results.append(stores[i].put(sha, FILES)), 2)
     assert len(results) == 2 and True in results
     assert {f: blobs.get(sha, f) for f in FILES} == FILES and [s for s, _ in blobs.list()] == [sha]
 
@@ -276,20 +273,15 @@ def test_concurrent_puts_of_one_blob(blobs: BlobStore, blob_spec):
 # ---------------------------------------------------------------------------------------------- the facade
 def test_concurrent_store_puts_of_one_name_one_wins(store: AdapterStore):
     adapters = [canonicalize(make_adapter(BERT_TARGETS, seed=i)) for i in range(2)]
-    barrier, outcomes = threading.Barrier(2), []
+    outcomes = []
 
     def put(i: int) -> None:
-        barrier.wait()
         try:
             outcomes.append(store.put("same", adapters[i]).sha256)
         except AdapterExistsError:
             outcomes.append("409")
 
-    threads = [threading.Thread(target=put, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _at_once(put, 2)
     assert sorted(outcomes, key=len) == ["409", store.get("same").sha256]
     assert store.load_weights("same").targets() == sorted(BERT_TARGETS)
 
