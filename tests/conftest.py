@@ -33,8 +33,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+def _started_postgres() -> PostgresServer:
+    """A throwaway PostgreSQL server, started; the test is skipped, with the reason, where none can run."""
     pytest.importorskip("psycopg", reason="psycopg is in the `shared` and `test` extras")
     server = PostgresServer()
     try:
@@ -43,6 +43,20 @@ def postgres_server() -> Iterator[PostgresServer]:
     except ServerUnavailable as exc:
         server.cleanup()
         pytest.skip(f"PostgreSQL cannot run here: {exc}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = _started_postgres()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, which it may stop and start again."""
+    server = _started_postgres()
     yield server
     server.cleanup()
 

@@ -234,33 +234,23 @@ def test_concurrent_readers_never_see_a_version_older_than_the_last_completed_wr
             c.close()
 
 
-def test_server_stopped_then_restarted_under_a_live_cache():
-    from infra import PostgresServer, ServerUnavailable
-
-    try:
-        server = PostgresServer()
-        server.init()
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"PostgreSQL cannot run here: {exc}")
-    try:
-        url = create_database(server.url)
-        writer = PostgresIndex(url, timeout_s=1)
-        reader = CachedIndex(PostgresIndex(url, timeout_s=1), ttl_s=60, lease_s=1.5)
-        wait_until(lambda: reader.trusted)
-        writer.put(new("a"), overwrite=False)
-        assert reader.get("a").version == 1
-        server.stop()
-        wait_until(lambda: not reader.trusted)
-        assert reader.get("a").version == 1 and reader.stats["stale_served"] >= 1  # young entry, index down
-        with pytest.raises(StorageUnavailableError) as err:
-            reader.get("b")
-        assert err.value.component == "index"
-        server.start()
-        wait_until(lambda: reader.trusted, timeout_s=20)  # the listener reconnected by itself
-        assert writer.put(new("a", "b"), overwrite=True)[0].version == 2  # the same clients, no restart
-        assert reader.get("a").version == 2
-        for c in (reader, writer):
-            c.close()
-    finally:
-        server.cleanup()
+def test_server_stopped_then_restarted_under_a_live_cache(private_postgres):
+    server = private_postgres
+    url = create_database(server.url)
+    writer = PostgresIndex(url, timeout_s=1)
+    reader = CachedIndex(PostgresIndex(url, timeout_s=1), ttl_s=60, lease_s=1.5)
+    wait_until(lambda: reader.trusted)
+    writer.put(new("a"), overwrite=False)
+    assert reader.get("a").version == 1
+    server.stop()
+    wait_until(lambda: not reader.trusted)
+    assert reader.get("a").version == 1 and reader.stats["stale_served"] >= 1  # young entry, index down
+    with pytest.raises(StorageUnavailableError) as err:
+        reader.get("b")
+    assert err.value.component == "index"
+    server.start()
+    wait_until(lambda: reader.trusted, timeout_s=20)  # the listener reconnected by itself
+    assert writer.put(new("a", "b"), overwrite=True)[0].version == 2  # the same clients, no restart
+    assert reader.get("a").version == 2
+    for c in (reader, writer):
+        c.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from infra import PostgresServer, ServerUnavailable, create_database, make_postgres_index
+from infra import create_database, make_postgres_index
 
 from adapters import UnknownAdapterError
 from service.storage.interfaces import AdapterIndex, NewAdapter, StorageUnavailableError
@@ -223,37 +223,29 @@ def test_after_a_failure_calls_fail_at_once_then_one_probes():
         ix.close()
 
 
-def test_server_stopped_then_restarted_under_a_live_client():
-    try:
-        server = PostgresServer()
-        server.init()
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"PostgreSQL cannot run here: {exc}")
-    try:
-        ix = PostgresIndex(create_database(server.url), timeout_s=1.0, max_size=4)
-        ix.put(new("a"), overwrite=False)
-        server.stop()
-        for call in (lambda: ix.get("a"), lambda: ix.put(new("b"), overwrite=False), ix.count):
-            started = time.monotonic()
-            with pytest.raises(StorageUnavailableError) as err:
-                call()
-            assert err.value.component == "index" and time.monotonic() - started < 10
-        server.start()
-        deadline = time.monotonic() + 15  # the pool reconnects by itself; no new client
-        while True:
-            try:
-                assert ix.get("a").version == 1
-                break
-            except StorageUnavailableError:
-                assert time.monotonic() < deadline, "the client did not recover after the restart"
-                time.sleep(0.2)
-        recovered_in = 15 - (deadline - time.monotonic())
-        assert recovered_in < 5, recovered_in
-        assert ix.put(new("b"), overwrite=False)[0].version == 1
-        ix.close()
-    finally:
-        server.cleanup()
+def test_server_stopped_then_restarted_under_a_live_client(private_postgres):
+    server = private_postgres
+    ix = PostgresIndex(create_database(server.url), timeout_s=1.0, max_size=4)
+    ix.put(new("a"), overwrite=False)
+    server.stop()
+    for call in (lambda: ix.get("a"), lambda: ix.put(new("b"), overwrite=False), ix.count):
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailableError) as err:
+            call()
+        assert err.value.component == "index" and time.monotonic() - started < 10
+    server.start()
+    deadline = time.monotonic() + 15  # the pool reconnects by itself; no new client
+    while True:
+        try:
+            assert ix.get("a").version == 1
+            break
+        except StorageUnavailableError:
+            assert time.monotonic() < deadline, "the client did not recover after the restart"
+            time.sleep(0.2)
+    recovered_in = 15 - (deadline - time.monotonic())
+    assert recovered_in < 5, recovered_in
+    assert ix.put(new("b"), overwrite=False)[0].version == 1
+    ix.close()
 
 
 def _closed_port() -> int:
