@@ -1,4 +1,4 @@
-"""Cluster mode on one machine (issue: scale out on Ray Serve), in one run:
+"""Cluster mode on one machine, in one run:
 
   1. cold adapter loads per 1,000 requests, throughput and p50/p99 latency for three routings of the same
      2-replica cluster (`affinity`: ours; `spread`: no multiplexed id, placement ignores the adapter;

@@ -1,4 +1,4 @@
-"""Over-HTTP throughput at concurrency 64 across 100 stored adapters (issue 4), in one run beside:
+"""Over-HTTP throughput at concurrency 64 across 100 stored adapters, in one run beside:
 
   * in-process batched throughput: the same request mix straight into the same Engine code, no HTTP;
   * a naive server: the same server with --max-batch-size 1, i.e. one forward per request.

@@ -1,4 +1,4 @@
-"""In-process serving benchmarks (issue 4), side by side with PEFT in one run, on the pretrained MiniLM.
+"""In-process serving benchmarks, side by side with PEFT in one run, on the pretrained MiniLM.
 
   1. mixed batch: 32 sequences x 32 tokens carrying 8 distinct rank-8 adapters, against the base forward
      alone and PEFT's `adapter_names=` mixed-batch forward;

@@ -1,4 +1,4 @@
-"""10,000 adapters in the store (issue 4): listing a page and looking one up over HTTP, and memory staying
+"""10,000 adapters in the store: listing a page and looking one up over HTTP, and memory staying
 within the configured cache bounds while requests touch hundreds of distinct adapters.
 
 The store is filled through `AdapterStore.put` (the same durable path an upload takes: temp file, fsync,
